@@ -1,0 +1,123 @@
+"""Denoising as a Gymnasium MDP (DDPO, Black et al. 2023, sec. 4.1).
+
+State s_k = (x_t, t, c) with t = schedule.timesteps[k]; action a_k = x_{t-1}; reward 0 until the last step,
+then r(x_0, c). The env owns the schedule, the context sampler and the reward, never the network: a policy
+reads `env.schedule` to form its Gaussian transition. `DenoisingEnv` is natively batched on torch tensors
+(on the policy's device); `SingleDenoisingEnv` is its one-sample numpy form for `gymnasium.utils.env_checker`.
+Stepping with a differentiable action keeps the autograd graph through to the reward (DRaFT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gymnasium
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+
+from envs.rewards import Reward, evaluate_reward
+from envs.schedule import DDIMSchedule
+
+ContextSampler = Callable[[int, torch.Generator], torch.Tensor]  # (n, generator) -> [n, *context_shape]
+
+
+def no_context(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.zeros(n, 0)  # unconditional models see an empty context
+
+
+class DenoisingEnv(gymnasium.vector.VectorEnv):
+    metadata = {"autoreset_mode": AutoresetMode.DISABLED, "render_modes": []}
+
+    def __init__(
+        self,
+        num_envs: int,
+        sample_shape: tuple[int, ...],
+        schedule: DDIMSchedule,
+        reward: Reward,
+        context_sampler: ContextSampler = no_context,
+        context_shape: tuple[int, ...] = (0,),
+        device: str | torch.device = "cpu",
+    ):
+        self.num_envs = num_envs
+        self.sample_shape = tuple(sample_shape)
+        self.device = torch.device(device)
+        self.schedule = schedule.to(self.device)
+        self.reward = reward
+        self.context_sampler = context_sampler
+        unbounded = dict(low=-np.inf, high=np.inf, dtype=np.float32)
+        self.single_observation_space = spaces.Dict(
+            {
+                "x_t": spaces.Box(shape=self.sample_shape, **unbounded),
+                "timestep": spaces.Discrete(schedule.num_train_timesteps),
+                "context": spaces.Box(shape=tuple(context_shape), **unbounded),
+            }
+        )
+        self.single_action_space = spaces.Box(shape=self.sample_shape, **unbounded)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._step_index: int | None = None
+
+    def _observation(self) -> dict[str, torch.Tensor]:
+        timestep = self.schedule.timesteps[min(self._step_index, self.schedule.num_steps - 1)]
+        return {"x_t": self.x_t, "timestep": timestep.expand(self.num_envs), "context": self.context}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        generator = torch.Generator().manual_seed(int(self.np_random.integers(2**63 - 1)))
+        self.generator = generator  # the rollout draws its step noise from the same stream: one seed, one trajectory
+        self.x_t = torch.randn((self.num_envs, *self.sample_shape), generator=generator).to(self.device)
+        self.context = self.context_sampler(self.num_envs, generator).to(self.device)  # [B, *context_shape]
+        self._step_index = 0
+        return self._observation(), {}
+
+    def step(self, action: torch.Tensor):
+        if self._step_index is None or self._step_index >= self.schedule.num_steps:
+            raise RuntimeError("the episode is over (or never began): call reset() before step()")
+        expected = (self.num_envs, *self.sample_shape)
+        if tuple(action.shape) != expected:
+            raise ValueError(f"action has shape {tuple(action.shape)}; this env expects x_(t-1) of shape {expected}")
+        self.x_t = action.to(self.device)  # no detach: a differentiable action keeps its graph
+        self._step_index += 1
+        done = self._step_index == self.schedule.num_steps
+        reward = torch.zeros(self.num_envs, device=self.device)
+        info = {}
+        if done:
+            reward, finite = evaluate_reward(self.reward, self.x_t, self.context)
+            info = {"reward_finite": finite}
+        terminated = torch.full((self.num_envs,), done, device=self.device)
+        truncated = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        return self._observation(), reward, terminated, truncated, info
+
+
+class SingleDenoisingEnv(gymnasium.Env):
+    """One-sample, numpy form of `DenoisingEnv`, for Gymnasium's env checker and classic RL tooling."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, vector_env: DenoisingEnv):
+        if vector_env.num_envs != 1:
+            raise ValueError(f"SingleDenoisingEnv wraps a vector env of one sample, got num_envs={vector_env.num_envs}")
+        self.vector_env = vector_env
+        self.observation_space = self.vector_env.single_observation_space
+        self.action_space = self.vector_env.single_action_space
+
+    def _numpy(self, obs: dict[str, torch.Tensor]) -> dict:
+        return {
+            "x_t": obs["x_t"][0].detach().cpu().numpy().astype(np.float32),
+            "timestep": np.int64(obs["timestep"][0].item()),
+            "context": obs["context"][0].detach().cpu().numpy().astype(np.float32),
+        }
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        obs, info = self.vector_env.reset(seed=int(self.np_random.integers(2**31 - 1)))
+        return self._numpy(obs), info
+
+    def step(self, action):
+        action = torch.as_tensor(np.asarray(action, dtype=np.float32)).unsqueeze(0)
+        obs, reward, terminated, truncated, info = self.vector_env.step(action)
+        info = {k: v[0].item() for k, v in info.items()}
+        return self._numpy(obs), float(reward[0]), bool(terminated[0]), bool(truncated[0]), info

@@ -1,0 +1,161 @@
+"""The learner: policy, optimizer, replay buffer and the epoch loop, the same in one process or in Ray Train.
+
+`Learner` is one replica (DDP across replicas when torch.distributed is initialised); `train` runs the loop
+of DESIGN.md: collect from the rollout group, add to the buffer, update with the algorithm's `train_step`,
+publish the new weights with a new policy version, evaluate on fixed seeds every few epochs, and report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from tensordict import TensorDict
+
+from algorithms import ddpo
+from rlft.buffer import TrajectoryBuffer
+from rlft.rollout import RolloutGroup, build_policy, derive_seed, set_torch_threads
+
+Report = Callable[[str, dict], None]  # (kind, payload): kind is "metrics", "eval" or "weights"
+
+
+def algo_config(cfg: dict) -> ddpo.DDPOConfig:
+    return ddpo.DDPOConfig(**{k: v for k, v in cfg["algo"].items() if k != "name"})
+
+
+def lr_factor(cfg: dict, epoch: int) -> float:
+    trainer = cfg["trainer"]
+    warmup = trainer["lr_warmup_epochs"]
+    if epoch < warmup:
+        return (epoch + 1) / warmup
+    if trainer["lr_schedule"] == "cosine":
+        progress = (epoch - warmup) / max(1, trainer["epochs"] - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+class Learner:
+    def __init__(self, cfg: dict, device: torch.device, rank: int = 0, world_size: int = 1):
+        set_torch_threads(cfg)
+        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
+        self.algo = algo_config(cfg)
+        torch.manual_seed(derive_seed(cfg["seed"], 1, rank))  # minibatch shuffling in the buffer's sampler
+        self.policy, _ = build_policy(cfg, device)
+        self.policy.train()
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.network = self.policy
+        if world_size > 1:
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                self.policy, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.optimizer = torch.optim.AdamW(trainable, lr=self.algo.lr, weight_decay=self.algo.weight_decay)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(cfg, e))
+        samples = cfg["trainer"]["samples_per_epoch"] // world_size
+        self.buffer = TrajectoryBuffer(
+            capacity=cfg["trainer"]["buffer_capacity"] or samples,
+            minibatch_size=self.algo.minibatch_size,
+            max_staleness=cfg["trainer"]["max_staleness"],
+        )
+        self.stat_tracker = ddpo.PerContextStatTracker(self.algo.stat_window, self.algo.stat_min_count)
+        self.generator = torch.Generator().manual_seed(derive_seed(cfg["seed"], 2, rank))
+        self.policy_version = 0
+
+    def ingest(self, batches: list[tuple[str, TensorDict]]) -> dict[str, float]:
+        """Add one epoch's trajectories: drop non-finite rewards (counted), compute advantages, store."""
+        fresh = [(uid, batch) for uid, batch in batches if not self.buffer.seen(uid)]
+        metrics = {"buffer/duplicates": float(len(batches) - len(fresh))}
+        if not fresh:
+            return metrics
+        batch = torch.cat([b for _, b in fresh])
+        finite = batch["reward_finite"]
+        metrics["reward/nonfinite"] = float((~finite).sum())
+        if not finite.any():
+            return metrics
+        kept = ddpo.compute_advantages(batch[finite], self.algo, self.stat_tracker)
+        metrics.update({
+            "reward/mean": kept["reward"].mean().item(),
+            "reward/std": kept["reward"].std(unbiased=False).item(),
+            "reward/max": kept["reward"].max().item(),
+        })  # fmt: skip
+        batch["advantage"] = torch.zeros(len(batch))
+        batch["advantage"][finite] = kept["advantage"]
+        # stored per uid (finite rows only), so a replay of any one rollout batch is recognised
+        for (uid, _), part in zip(fresh, batch.split([b.batch_size[0] for _, b in fresh]), strict=True):
+            self.buffer.add(uid, part[part["reward_finite"]])
+        return metrics
+
+    def update(self) -> dict[str, float]:
+        """Train on the buffer (inner epochs x minibatches), then bump the policy version."""
+        evicted = self.buffer.evict_stale(self.policy_version)
+        num_minibatches = math.ceil(len(self.buffer) / self.algo.minibatch_size)
+        if self.world_size > 1:  # every replica must take the same number of DDP steps
+            count = torch.tensor([num_minibatches], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            num_minibatches = int(count)
+        totals: dict[str, float] = defaultdict(float)
+        steps = 0
+        for _ in range(self.algo.inner_epochs):
+            for i, minibatch in enumerate(self.buffer.minibatches()):
+                if i >= num_minibatches:
+                    break
+                for key, value in ddpo.train_step(
+                    self.policy, self.optimizer, minibatch.to(self.device), self.algo, self.generator, self.network
+                ).items():
+                    totals[key] += value
+                steps += 1
+        self.lr_scheduler.step()
+        self.policy_version += 1
+        metrics = {key: value / max(1, steps) for key, value in totals.items()}
+        metrics.update({"train/optimizer_steps": float(steps), "train/lr": self.optimizer.param_groups[0]["lr"],
+                        "buffer/evicted_stale": float(evicted), "buffer/size": float(len(self.buffer))})  # fmt: skip
+        return metrics
+
+
+def mean_over_replicas(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / dist.get_world_size()).tolist(), strict=True))
+
+
+def train(cfg: dict, rollouts: RolloutGroup, report: Report, device: torch.device, rank: int = 0,
+          world_size: int = 1) -> None:  # fmt: skip
+    """The whole run for one learner replica; only rank 0 evaluates and reports."""
+    learner = Learner(cfg, device, rank, world_size)
+    trainer, evaluation = cfg["trainer"], cfg["eval"]
+    samples = trainer["samples_per_epoch"] // world_size
+    rollouts.publish(learner.policy.trainable_state_dict(), learner.policy_version)
+
+    def evaluate(epoch: int) -> None:
+        if rank == 0:
+            result = rollouts.evaluate(learner.policy_version, evaluation["seed"], evaluation["num_samples"])
+            report("eval", {"epoch": epoch, **result})
+
+    evaluate(0)
+    for epoch in range(trainer["epochs"]):
+        start = time.perf_counter()
+        batches = rollouts.collect(learner.policy_version, derive_seed(cfg["seed"], 3, epoch, rank), samples)
+        collected = time.perf_counter()
+        metrics = learner.ingest(batches)
+        metrics.update(learner.update())
+        rollouts.publish(learner.policy.trainable_state_dict(), learner.policy_version)
+        end = time.perf_counter()
+        metrics.update({
+            "perf/collect_s": collected - start,
+            "perf/update_s": end - collected,
+            "perf/epoch_s": end - start,
+            "perf/samples_per_s": samples * world_size / (end - start),
+        })  # fmt: skip
+        metrics = mean_over_replicas(metrics, device)
+        if rank == 0:
+            report("metrics", {"epoch": epoch + 1, "policy_version": learner.policy_version, **metrics})
+        if (epoch + 1) % evaluation["every"] == 0 or epoch + 1 == trainer["epochs"]:
+            evaluate(epoch + 1)
+    if rank == 0:
+        report("weights", {"weights": learner.policy.trainable_state_dict(), "policy_version": learner.policy_version})

@@ -1,0 +1,118 @@
+"""The Ray pipeline: rollout actors, Ray Train learners (DDP), and a queue that carries reports to the driver.
+
+    driver (rlft.run) --- Recorder <- Queue <- learner rank 0
+       |                                         |  collect / set_weights / evaluate
+       +-- TorchTrainer: learners 0..L-1 (DDP) --+--> rollout actors (each learner feeds from its own)
+
+Each learner keeps its own buffer shard, so trajectories stay on the node that made them; only weights
+(and the reports of rank 0) cross process boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from rlft.config import resolve_device
+from rlft.learner import Report, train
+from rlft.rollout import RolloutGroup, RolloutWorker, local_call
+
+
+def init_ray(cfg: dict) -> None:
+    """Join `ray.address` or $RAY_ADDRESS if given, else start a local Ray with the dashboard off."""
+    if ray.is_initialized():
+        return
+    address = cfg["ray"]["address"] or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    num_cpus = cfg["ray"]["num_cpus"] or max(4, os.cpu_count() or 1)  # logical CPUs: Train inside Tune needs headroom
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             dashboard_host="127.0.0.1")  # fmt: skip
+
+
+def ray_call(calls: list[tuple[Any, str, tuple]]) -> list[Any]:
+    """Run actor methods concurrently; a dict argument (weights) goes to the object store once, not per actor."""
+    stored: dict[int, ray.ObjectRef] = {}
+    futures = []
+    for actor, method, args in calls:
+        args = tuple(stored.setdefault(id(a), ray.put(a)) if isinstance(a, dict) else a for a in args)
+        futures.append(getattr(actor, method).remote(*args))
+    return ray.get(futures)
+
+
+def start_rollout_actors(cfg: dict) -> list[Any]:
+    r = cfg["ray"]
+    actor_class = ray.remote(
+        num_cpus=r["cpus_per_rollout_worker"], num_gpus=r["gpus_per_rollout_worker"], max_restarts=0
+    )(RolloutWorker)
+    return [actor_class.remote(cfg, i) for i in range(r["num_rollout_workers"])]
+
+
+def _learner_loop(config: dict) -> None:
+    """`train_loop_per_worker` of the TorchTrainer: one learner replica with its own rollout actors."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    cfg, actors, queue = config["cfg"], config["actors"], config["queue"]
+    per_learner = len(actors) // world_size
+    rollouts = RolloutGroup(actors[rank * per_learner : (rank + 1) * per_learner], ray_call)
+    device = ray.train.torch.get_device() if cfg["ray"]["gpus_per_learner"] else torch.device("cpu")
+    train(cfg, rollouts, lambda kind, payload: queue.put((kind, payload)), device, rank, world_size)
+
+
+def run_with_ray(cfg: dict, report: Report, run_dir: Path) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    init_ray(cfg)
+    actors = start_rollout_actors(cfg)
+    queue = Queue()
+    r = cfg["ray"]
+    use_gpu = bool(r["gpus_per_learner"])
+    trainer = TorchTrainer(
+        _learner_loop,
+        train_loop_config={"cfg": cfg, "actors": actors, "queue": queue},
+        scaling_config=ScalingConfig(
+            num_workers=r["num_learners"], use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1, **({"GPU": r["gpus_per_learner"]} if use_gpu else {})},
+        ),
+        run_config=RunConfig(name="learners", storage_path=str((run_dir / "ray").resolve())),
+    )  # fmt: skip
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:  # re-raised in the driver's thread below
+            failure.append(error)
+        finally:
+            queue.put(("done", {}))
+
+    thread = threading.Thread(target=fit, name="rlft-trainer", daemon=True)
+    thread.start()
+    while True:
+        kind, payload = queue.get()
+        if kind == "done":
+            break
+        report(kind, payload)
+    thread.join()
+    for actor in actors:
+        ray.kill(actor)
+    if failure:
+        raise failure[0]
+
+
+def run_local(cfg: dict, report: Report) -> None:
+    """The same loop in this process, no Ray: rollout workers as plain objects, one learner."""
+    workers = [RolloutWorker(cfg, i) for i in range(cfg["ray"]["num_rollout_workers"])]
+    train(cfg, RolloutGroup(workers, local_call), report, resolve_device(cfg["device"]))

@@ -1,0 +1,150 @@
+"""The policy: a diffusers network plus the DDIM transition with its log-probability.
+
+`ddim_step` is the pure sampler step every algorithm relies on (Song et al. 2021, eq. 12; DDPO, Black et al.
+2023, sec. 4.2). It takes the network output and returns `(prev_sample, log_prob, mean, std)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from envs.schedule import DDIMSchedule
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class StepOutput:
+    prev_sample: torch.Tensor  # x_{t-1}, [B, C, H, W]
+    log_prob: torch.Tensor  # [B] float32: log N(prev_sample; mean, std^2) averaged over image dimensions
+    mean: torch.Tensor  # [B, C, H, W] float32
+    std: torch.Tensor  # [B, 1, 1, 1] float32
+
+
+def _per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    return value.reshape(-1, *([1] * (like.dim() - 1)))  # [B or 1, 1, 1, 1]
+
+
+def ddim_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_prod: torch.Tensor | float,
+    alpha_prod_prev: torch.Tensor | float,
+    eta: float,
+    noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+) -> StepOutput:
+    """One DDIM transition x_t -> x_{t-1} ~ N(mean, std^2 I) with an epsilon-prediction network.
+
+    Give `noise` to sample `prev_sample = mean + std * noise`, or `prev_sample` to score a given transition
+    (DDPO's new log-probability of an old action). The maths runs in fp32 whatever the network's dtype, since
+    importance ratios of bf16 log-probabilities are far from 1 even on-policy.
+    """
+    if (noise is None) == (prev_sample is None):
+        raise ValueError("ddim_step needs exactly one of `noise` (to sample) or `prev_sample` (to score)")
+    eps = model_output.float()
+    x_t = sample.float()
+    a_t, a_prev = _per_sample(alpha_prod, x_t), _per_sample(alpha_prod_prev, x_t)
+    x0_hat = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # the DDPM posterior variance
+    std = eta * variance.clamp(min=0).sqrt()
+    mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    if prev_sample is None:
+        prev_sample = mean + std * noise.float()
+    x_prev = prev_sample.float()
+    # Gaussian log-density per dimension, then the mean over dimensions (not the sum: see DDPO's clip range).
+    # A deterministic step (std = 0: eta = 0, or the last step onto alpha-bar = 1) has no density; it gets
+    # log_prob 0, and algorithms that need densities train only on stochastic steps (`stochastic_steps`).
+    std = std.expand(x_prev.shape[0], *std.shape[1:])
+    stochastic = std > 0
+    safe_std = torch.where(stochastic, std, torch.ones_like(std))
+    log_prob = -((x_prev.detach() - mean) ** 2) / (2 * safe_std**2) - safe_std.log() - LOG_SQRT_2PI
+    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
+    log_prob = log_prob.mean(dim=tuple(range(1, x_prev.dim())))
+    return StepOutput(prev_sample, log_prob, mean, std)
+
+
+class DiffusionPolicy(nn.Module):
+    """A noise-prediction network (diffusers UNet2DModel or UNet2DConditionModel) and the DDIM schedule.
+
+    `forward` is the network call only, so DDP can wrap the policy; `step` is forward + `ddim_step`.
+    """
+
+    def __init__(self, unet: nn.Module, schedule: DDIMSchedule, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.unet = unet
+        self.schedule = schedule
+        self.autocast_dtype = autocast_dtype
+        self.conditional = hasattr(unet.config, "cross_attention_dim") and unet.config.cross_attention_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x_t.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            if self.conditional:
+                return self.unet(x_t, timestep, encoder_hidden_states=context).sample
+            return self.unet(x_t, timestep).sample
+
+    def step(
+        self,
+        x_t: torch.Tensor,
+        step_index: int,
+        context: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        prev_sample: torch.Tensor | None = None,
+        network: nn.Module | None = None,
+    ) -> StepOutput:
+        """Sampler step k of the schedule; `network` is this policy or its DDP wrapper (defaults to self)."""
+        s = self.schedule
+        timestep = s.timesteps[step_index].expand(x_t.shape[0])
+        eps = (network or self)(x_t, timestep, context)
+        return ddim_step(
+            eps, x_t, s.alpha_prod[step_index], s.alpha_prod_prev[step_index], s.eta, noise, prev_sample
+        )
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights an update changes (all of them, or LoRA adapters only), detached on CPU."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k in trainable}
+
+    def load_trainable_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        missing = set(weights) - set(self.state_dict())
+        if missing:
+            raise KeyError(f"weights for parameters this policy does not have: {sorted(missing)[:5]}")
+        self.load_state_dict(weights, strict=False)
+
+
+def load_base_model(spec: str) -> tuple[nn.Module, dict]:
+    """Load a base DDPM as (UNet2DModel, scheduler config) from "builtin:digits", a folder or a hub id."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    if spec == "builtin:digits":
+        from envs.digits import BASE_MODEL_DIR
+
+        path = BASE_MODEL_DIR
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"the shipped digits DDPM is missing from {path}; train it with `python -m rlft.pretrain env=digits`"
+            )
+        spec = str(path)
+    try:
+        unet = UNet2DModel.from_pretrained(spec, use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(spec)
+    except (OSError, ValueError) as error:
+        local = Path(spec).exists()
+        raise FileNotFoundError(
+            f"could not load the base model {spec!r} "
+            + ("from that folder" if local else "(not a local folder, and the Hugging Face Hub is unreachable or "
+               "the model is not in the HF cache)")
+            + ": give a folder holding config.json, diffusion_pytorch_model.safetensors and scheduler_config.json "
+            "with env.base_model=/path/to/model"
+        ) from error
+    return unet, dict(scheduler.config)

@@ -1,0 +1,142 @@
+"""Rollout workers: step the denoising env with the current policy and return TensorDict trajectories.
+
+A `RolloutWorker` is a plain class; `rlft.pipeline` makes it a Ray actor, the single-process loop uses it
+as it is. `collect(policy_version, seed, n)` is a pure function of its arguments (given the weights of that
+version), so a retried call reproduces the same trajectories and the same batch uid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+
+from envs.tasks import make_env
+from rlft.policy import DiffusionPolicy, load_base_model
+
+
+def derive_seed(*keys: int) -> int:
+    """A stable 63-bit seed from integer keys (run seed, epoch, worker, chunk...)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def set_torch_threads(cfg: dict) -> None:
+    threads = cfg["ray"]["torch_threads"]
+    if threads:
+        torch.set_num_threads(int(threads))
+    else:
+        import os
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+
+def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]:
+    """The base model as a policy, plus a batched env of `rollout_batch_size` samples sharing its schedule."""
+    unet, scheduler_config = load_base_model(cfg["env"]["base_model"])
+    sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    env = make_env(
+        num_envs=cfg["trainer"]["rollout_batch_size"],
+        sample_shape=sample_shape,
+        scheduler_config=scheduler_config,
+        num_inference_steps=cfg["env"]["num_inference_steps"],
+        eta=cfg["env"]["eta"],
+        reward=cfg["reward"],
+        device=device,
+    )
+    return DiffusionPolicy(unet.to(device), env.schedule), env
+
+
+class RolloutWorker:
+    def __init__(self, cfg: dict, worker_index: int = 0):
+        set_torch_threads(cfg)
+        self.device = torch.device(cfg["device"] if cfg["device"] != "auto" else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+        self.worker_index = worker_index
+        self.policy, self.env = build_policy(cfg, self.device)
+        self.policy.eval().requires_grad_(False)
+        self.policy_version = 0
+
+    def set_weights(self, weights: dict[str, torch.Tensor], policy_version: int) -> None:
+        self.policy.load_trainable_state_dict(weights)
+        self.policy_version = policy_version
+
+    def _check_version(self, policy_version: int) -> None:
+        if policy_version != self.policy_version:
+            raise RuntimeError(
+                f"rollout worker {self.worker_index} holds policy version {self.policy_version} but was asked to "
+                f"collect with version {policy_version}; publish those weights first"
+            )
+
+    @torch.no_grad()
+    def _rollout(self, seed: int) -> TensorDict:
+        """One env batch: reset with `seed`, denoise all steps, return the trajectories."""
+        env, policy = self.env, self.policy
+        obs, _ = env.reset(seed=seed)
+        latents, log_probs = [obs["x_t"]], []
+        for k in range(env.schedule.num_steps):
+            noise = torch.randn(obs["x_t"].shape, generator=env.generator).to(self.device)
+            out = policy.step(obs["x_t"], k, obs["context"], noise=noise)
+            obs, reward, terminated, _, info = env.step(out.prev_sample)
+            latents.append(obs["x_t"])
+            log_probs.append(out.log_prob)
+        assert bool(terminated.all()), "the env must terminate after the schedule's last step"
+        n = env.num_envs
+        return TensorDict(
+            {
+                "latents": torch.stack(latents, dim=1),  # [n, T+1, C, H, W]: x_T ... x_0
+                "log_prob": torch.stack(log_probs, dim=1),  # [n, T]
+                "context": obs["context"],  # [n, *ctx]
+                "reward": reward,  # [n]
+                "reward_finite": info["reward_finite"],  # [n] bool
+                "policy_version": torch.full((n,), self.policy_version, dtype=torch.int64),  # [n]
+            },
+            batch_size=[n],
+        )
+
+    def collect(self, policy_version: int, seed: int, n: int) -> TensorDict:
+        """`n` trajectories (a multiple of the env batch) from the policy of `policy_version`, on CPU."""
+        self._check_version(policy_version)
+        if n % self.env.num_envs:
+            raise ValueError(f"collect(n={n}) must be a multiple of the rollout batch size {self.env.num_envs}")
+        chunks = [self._rollout(derive_seed(seed, chunk)) for chunk in range(n // self.env.num_envs)]
+        return torch.cat(chunks).to("cpu")
+
+    def evaluate(self, policy_version: int, seed: int, n: int) -> dict:
+        """Final samples from fixed noise (`seed`), their rewards and the reward's own metrics."""
+        batch = self.collect(policy_version, seed, n)
+        images = batch["latents"][:, -1]
+        finite = batch["reward_finite"]
+        metrics = {f"eval/{k}": v for k, v in self.env.reward.describe(images.to(self.device)).items()}
+        metrics["eval/reward_mean"] = batch["reward"][finite].mean().item() if finite.any() else float("nan")
+        return {"images": images, "reward": batch["reward"], "metrics": metrics}
+
+
+Call = Callable[[list[tuple[Any, str, tuple]]], list[Any]]  # [(worker, method, args)] -> results, in order
+
+
+def local_call(calls: list[tuple[Any, str, tuple]]) -> list[Any]:
+    return [getattr(worker, method)(*args) for worker, method, args in calls]
+
+
+class RolloutGroup:
+    """The rollout workers one learner feeds from, behind one calling convention (in-process or Ray)."""
+
+    def __init__(self, workers: list[Any], call: Call = local_call):
+        self.workers, self.call = workers, call
+
+    def collect(self, policy_version: int, seed: int, n: int) -> list[tuple[str, TensorDict]]:
+        """`n` trajectories split evenly over the workers; each batch comes with its uid."""
+        per_worker = n // len(self.workers)
+        seeds = [derive_seed(seed, i) for i in range(len(self.workers))]
+        calls = [(w, "collect", (policy_version, s, per_worker)) for w, s in zip(self.workers, seeds, strict=True)]
+        results = self.call(calls)
+        return [(f"v{policy_version}-s{s}-n{per_worker}", batch) for s, batch in zip(seeds, results, strict=True)]
+
+    def publish(self, weights: dict[str, torch.Tensor], policy_version: int) -> None:
+        self.call([(w, "set_weights", (weights, policy_version)) for w in self.workers])
+
+    def evaluate(self, policy_version: int, seed: int, n: int) -> dict:
+        return self.call([(self.workers[0], "evaluate", (policy_version, seed, n))])[0]

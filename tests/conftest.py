@@ -1,0 +1,28 @@
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def save_tiny_ddpm(path, seed: int = 0, sample_size: int = 16, channels: int = 1):
+    """A randomly initialised UNet2DModel + DDPMScheduler in the save_pretrained layout of google/ddpm-*."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )  # fmt: skip
+    unet.save_pretrained(path, safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_ddpm(tmp_path_factory.mktemp("tiny_ddpm"))

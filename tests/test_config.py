@@ -1,0 +1,71 @@
+"""Config errors are caught before Ray starts and name the key, the values and the fix."""
+
+import pytest
+
+import algorithms.ddpo
+from rlft.config import CONFIG_DIR, ConfigError, compose, validate
+
+
+def check(*overrides):
+    validate(compose("config", list(overrides)))
+
+
+def test_default_config_is_valid():
+    check()
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(ConfigError, match="unknown config key 'trainer.epoch'; did you mean 'trainer.epochs'"):
+        check("trainer.epoch=3")
+    with pytest.raises(ConfigError, match="did you mean 'algo.clip_range'"):
+        check("algo.clip_rang=0.1")
+
+
+def test_unknown_group_option_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"algo=ddpoo .*did you mean 'ddpo'"):
+        check("algo=ddpoo")
+    with pytest.raises(ConfigError, match="reward=jpeg .*choices: .*jpeg_compressibility"):
+        check("reward=jpeg")
+
+
+def test_batch_sizes_that_do_not_divide_name_the_numbers():
+    with pytest.raises(ConfigError, match="samples_per_epoch=100 .*rollout_batch_size=32"):
+        check("trainer.samples_per_epoch=100")
+    with pytest.raises(ConfigError, match="num_rollout_workers=3 must be a multiple of ray.num_learners=2"):
+        check("ray.num_rollout_workers=3", "ray.num_learners=2")
+    with pytest.raises(ConfigError, match="minibatch_size=512"):
+        check("algo.minibatch_size=512")
+
+
+def test_ddpo_needs_a_stochastic_sampler():
+    with pytest.raises(ConfigError, match="env.eta=0.0"):
+        check("env.eta=0.0")
+
+
+def test_an_algorithm_that_backpropagates_through_the_reward_refuses_jpeg(monkeypatch):
+    monkeypatch.setattr(algorithms.ddpo, "REQUIRES_DIFFERENTIABLE_REWARD", True)
+    with pytest.raises(ConfigError, match="reward=jpeg_compressibility is not differentiable"):
+        check("reward=jpeg_compressibility")
+
+
+def test_bad_reward_argument_is_reported():
+    with pytest.raises(ValueError, match="reward.target must be a digit class 0..9, got 12"):
+        check("reward.target=12")
+
+
+def test_every_config_key_has_a_comment():
+    for path in CONFIG_DIR.rglob("*.yaml"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            body = line.split("#", 1)[0]
+            is_key = ":" in body and not line.lstrip().startswith(("-", "#")) and body.strip() != "defaults:"
+            is_section = body.rstrip().endswith(":")
+            if is_key and not is_section:
+                assert "#" in line, f"{path.name}:{number} has no comment: {line.strip()}"
+
+
+def test_algorithm_yaml_defaults_equal_the_config_dataclass():
+    import dataclasses
+
+    cfg = compose("config", [])
+    fields = {f.name: f.default for f in dataclasses.fields(algorithms.ddpo.DDPOConfig)}
+    assert {k: v for k, v in cfg.algo.items() if k != "name"} == fields

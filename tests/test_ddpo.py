@@ -1,0 +1,89 @@
+"""DDPO: the clipped loss and its gradient by hand, ratio == 1 on-policy, advantages."""
+
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from algorithms import ddpo
+from rlft.learner import Learner
+from rlft.rollout import RolloutWorker
+from tests.helpers import tiny_cfg
+
+
+def test_loss_and_gradient_match_a_hand_computation():
+    log_prob_old = torch.tensor([-1.0, -1.0, -1.0, -1.0])
+    shift = torch.tensor([0.05, -0.05, 0.05, 0.0005])  # ratio = exp(shift): two outside the clip range, two inside
+    advantages = torch.tensor([1.0, 1.0, -2.0, 0.5])
+    eps = 0.01
+    log_prob = (log_prob_old + shift).requires_grad_(True)
+    loss, info = ddpo.ddpo_loss(log_prob, log_prob_old, advantages, eps)
+    loss.backward()
+
+    expected_loss, expected_grad = 0.0, []
+    for s, a in zip(shift.tolist(), advantages.tolist(), strict=True):
+        r = math.exp(s)
+        unclipped, clipped = -a * r, -a * min(max(r, 1 - eps), 1 + eps)
+        expected_loss += max(unclipped, clipped) / 4
+        # the gradient flows only where the unclipped term is the larger one (strictly)
+        expected_grad.append(-a * r / 4 if unclipped > clipped or r == min(max(r, 1 - eps), 1 + eps) else 0.0)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
+    torch.testing.assert_close(log_prob.grad, torch.tensor(expected_grad), rtol=1e-6, atol=1e-8)
+    # samples 0 (A>0, ratio above 1+eps) and 2 (A<0, ratio above) are clipped; 1 (A>0, ratio below) is not
+    assert expected_grad[0] == 0 and expected_grad[1] != 0 and expected_grad[2] != 0 and expected_grad[3] != 0
+    assert info["clip_fraction"].item() == pytest.approx(0.75)
+    assert info["approx_kl"].item() == pytest.approx(0.5 * (shift**2).mean().item(), rel=1e-4)
+
+
+def test_first_inner_step_is_exactly_on_policy(tiny_model_dir):
+    """Before any update the learner's log-probabilities equal the rollout's bit for bit: ratio == 1."""
+    cfg = tiny_cfg(tiny_model_dir, "algo.minibatch_size=16", "trainer.rollout_batch_size=16")
+    worker = RolloutWorker(cfg)
+    learner = Learner(cfg, torch.device("cpu"))
+    learner.ingest([("batch-0", worker.collect(0, seed=7, n=16))])
+    minibatch = next(iter(learner.buffer.minibatches()))
+    metrics = ddpo.train_step(learner.policy, learner.optimizer, minibatch, learner.algo, learner.generator)
+    assert metrics["ddpo/ratio"] == 1.0
+    assert metrics["ddpo/approx_kl"] == 0.0
+    assert metrics["ddpo/clip_fraction"] == 0.0
+    # ... and after that step the policy has moved, so the ratio no longer is 1
+    again = ddpo.train_step(learner.policy, learner.optimizer, minibatch, learner.algo, learner.generator)
+    assert again["ddpo/approx_kl"] > 0
+
+
+def test_timestep_fraction_trains_on_that_share_of_stochastic_steps(tiny_model_dir):
+    cfg = tiny_cfg(tiny_model_dir, "env.num_inference_steps=9", "algo.timestep_fraction=0.5")
+    worker, learner = RolloutWorker(cfg), Learner(cfg, torch.device("cpu"))
+    batch = worker.collect(0, seed=1, n=8)
+    batch["advantage"] = torch.randn(8)
+    calls = []
+    original = learner.policy.step
+
+    def counting_step(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    learner.policy.step = counting_step
+    ddpo.train_step(learner.policy, learner.optimizer, batch, learner.algo, learner.generator)
+    assert len(calls) == 4  # 8 stochastic steps (the 9th lands on alpha-bar = 1), half of them
+    assert all(int(index.max()) < 8 for index in calls)
+
+
+def test_batch_advantages_are_standardised_and_clipped():
+    rewards = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 100.0])
+    batch = TensorDict({"reward": rewards, "context": torch.zeros(8, 0)}, batch_size=[8])
+    cfg = ddpo.DDPOConfig(adv_clip_max=2.0)
+    out = ddpo.compute_advantages(batch, cfg, ddpo.PerContextStatTracker(64, 16))
+    assert out["advantage"].max() == 2.0  # (100 - 12.5) / 33 = 2.65, clipped
+    assert out["advantage"][0] == pytest.approx(-12.5 / rewards.std(unbiased=False).item(), rel=1e-4)
+
+
+def test_per_context_statistics_after_enough_samples():
+    tracker = ddpo.PerContextStatTracker(window=8, min_count=4)
+    keys = ["a"] * 4 + ["b"] * 4
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0])
+    advantages = tracker.standardise(rewards, keys)
+    # each context is standardised by its own statistics, so both get the same advantages
+    torch.testing.assert_close(advantages[:4], advantages[4:])
+    torch.testing.assert_close(advantages[:4].mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
