@@ -1,2 +1,62 @@
-"""Update rules, one file each: a config dataclass, a loss as a pure function over a TensorDict batch, and a
-`train_step` that the unit tests, the single-process loop and the Ray Train learners all call."""
+"""Update rules, one file each. A module `algorithms/<name>.py` is selected with `algo=<name>` and defines:
+
+    Config                          a dataclass; its fields are the keys of rlft/conf/algo/<name>.yaml
+    REQUIRES_STOCHASTIC_SAMPLER     True when the update needs transition log-probabilities (env.eta > 0)
+    REQUIRES_DIFFERENTIABLE_REWARD  True when the update backpropagates through the reward
+    USES_ROLLOUTS                   False when the learner makes its own samples (no rollout workers, no buffer)
+    ROLLOUT_KEYS                    optional per-step entries rollout workers record beyond the latents
+                                    and log-probabilities (e.g. "noise")
+    make_state(cfg)                 the algorithm's own learner-side state (state_dict / load_state_dict)
+    prepare(batch, cfg, state)      learner side, when trajectories arrive: -> (batch, metrics)
+    update(ctx, cfg, state)         one epoch's update (its own passes over ctx.buffer): -> metrics
+
+and a loss as a pure function over a TensorDict batch, with the paper's equation cited. Nothing here imports Ray:
+the same `update` runs in a unit test, a single process and a Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from tensordict import TensorDict
+
+
+@dataclass
+class LearnerContext:
+    """What an update needs from the learner replica it runs in."""
+
+    policy: torch.nn.Module  # the DiffusionPolicy (unwrapped: parameters, schedule, trainable weights)
+    network: torch.nn.Module  # what to call for the forward pass: the policy or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    env: object  # a DenoisingEnv on the learner's device (reward, schedule, contexts) for in-learner sampling
+    buffer: object | None  # the learner's TrajectoryBuffer shard (None when the algorithm uses no rollouts)
+    generator: torch.Generator  # the learner's own random stream (timestep orders, subsampling)
+    device: torch.device
+    world_size: int = 1
+
+    def minibatches(self) -> Iterator[TensorDict]:
+        """One reshuffled pass over the buffer; with DDP, every replica takes the same number of steps."""
+        count = math.ceil(len(self.buffer) / self.buffer.minibatch_size)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            synced = torch.tensor([count], device=self.device)
+            dist.all_reduce(synced, op=dist.ReduceOp.MIN)
+            count = int(synced)
+        for i, minibatch in enumerate(self.buffer.minibatches()):
+            if i >= count:
+                return
+            yield minibatch.to(self.device)
+
+
+def load_algorithm(name: str) -> ModuleType:
+    return importlib.import_module(f"algorithms.{name}")
+
+
+def make_config(module: ModuleType, algo_cfg: dict):
+    return module.Config(**{k: v for k, v in algo_cfg.items() if k != "name"})

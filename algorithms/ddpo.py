@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorDict
 
-from rlft.policy import DiffusionPolicy
+from algorithms import LearnerContext
 
 REQUIRES_STOCHASTIC_SAMPLER = True  # the importance ratio needs log-probabilities (eta > 0)
 REQUIRES_DIFFERENTIABLE_REWARD = False
+USES_ROLLOUTS = True
 
 
 @dataclass
@@ -110,27 +111,20 @@ def ddpo_loss(
     return loss, info
 
 
-def train_step(
-    policy: DiffusionPolicy,
-    optimizer: torch.optim.Optimizer,
-    batch: TensorDict,
-    cfg: DDPOConfig,
-    generator: torch.Generator,
-    network: torch.nn.Module | None = None,
-) -> dict[str, float]:
+def train_step(ctx: LearnerContext, batch: TensorDict, cfg: DDPOConfig) -> dict[str, float]:
     """One optimizer step on a minibatch of whole trajectories, accumulating gradients over timesteps.
 
-    `network` is the module to call (the policy's DDP wrapper on multi-learner runs); gradients of each
-    timestep are backpropagated at once, so memory holds one timestep's graph, not the trajectory's.
+    Each timestep's loss is backpropagated at once, so memory holds one timestep's graph, not the trajectory's.
     """
+    policy = ctx.policy
     num_trajectories = batch.batch_size[0]
     steps = policy.schedule.stochastic_steps.cpu()  # deterministic steps have no density and no gradient here
     num_train_steps = max(1, round(cfg.timestep_fraction * len(steps)))
     # an independent random order of timesteps per trajectory; the first num_train_steps are trained on
-    order = torch.stack([steps[torch.randperm(len(steps), generator=generator)] for _ in range(num_trajectories)])
+    order = torch.stack([steps[torch.randperm(len(steps), generator=ctx.generator)] for _ in range(num_trajectories)])
     order = order[:, :num_train_steps].to(batch.device)  # [B, num_train_steps]
     rows = torch.arange(num_trajectories, device=batch.device)
-    optimizer.zero_grad(set_to_none=True)
+    ctx.optimizer.zero_grad(set_to_none=True)
     totals: dict[str, float] = defaultdict(float)
     for j in range(num_train_steps):
         step_index = order[:, j]  # [B]
@@ -139,7 +133,7 @@ def train_step(
             step_index,
             batch["context"],
             prev_sample=batch["latents"][rows, step_index + 1],
-            network=network,
+            network=ctx.network,
         )
         loss, info = ddpo_loss(out.log_prob, batch["log_prob"][rows, step_index], batch["advantage"], cfg.clip_range)
         (loss / num_train_steps).backward()
@@ -147,6 +141,30 @@ def train_step(
         for key, value in info.items():
             totals[f"ddpo/{key}"] += value.item() / num_train_steps
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-    optimizer.step()
+    ctx.optimizer.step()
     totals["train/grad_norm"] = grad_norm.item()
     return dict(totals)
+
+
+# ---- the learner-side interface (see algorithms/__init__.py) ----
+Config = DDPOConfig
+
+
+def make_state(cfg: DDPOConfig) -> PerContextStatTracker:
+    return PerContextStatTracker(cfg.stat_window, cfg.stat_min_count)
+
+
+def prepare(batch: TensorDict, cfg: DDPOConfig, state: PerContextStatTracker) -> tuple[TensorDict, dict]:
+    return compute_advantages(batch, cfg, state), {}
+
+
+def update(ctx: LearnerContext, cfg: DDPOConfig, state: PerContextStatTracker) -> dict[str, float]:
+    """`inner_epochs` reshuffled passes over the collected batch, one optimizer step per minibatch."""
+    totals: dict[str, float] = defaultdict(float)
+    steps = 0
+    for _ in range(cfg.inner_epochs):
+        for minibatch in ctx.minibatches():
+            for key, value in train_step(ctx, minibatch, cfg).items():
+                totals[key] += value
+            steps += 1
+    return {**{key: value / max(1, steps) for key, value in totals.items()}, "train/optimizer_steps": float(steps)}

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# the same OpenMP spin setting as the Ray workers get (rlft/pipeline.py), so both arms run alike
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from rlft.config import compose, to_container, validate  # noqa: E402
 

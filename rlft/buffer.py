@@ -27,6 +27,7 @@ class TrajectoryBuffer:
         if minibatch_size > capacity:
             raise ValueError(f"minibatch size {minibatch_size} exceeds the buffer capacity {capacity}")
         self.capacity = capacity
+        self.minibatch_size = minibatch_size
         self.max_staleness = max_staleness
         self.device = torch.device(device)
         self._buffer = TensorDictReplayBuffer(

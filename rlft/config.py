@@ -108,12 +108,11 @@ def _one_of(name: str, value, choices: tuple) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Impossible combinations, caught before Ray starts; each message names the values involved."""
-    import importlib
-
+    from algorithms import load_algorithm
     from envs.rewards import make_reward
 
     t, r, algo = cfg.trainer, cfg.ray, cfg.algo
-    module = importlib.import_module(f"algorithms.{algo.name}")
+    module = load_algorithm(algo.name)
     learners, workers = r.num_learners, r.num_rollout_workers
     _require(learners >= 1 and workers >= 1, f"ray.num_learners={learners} and ray.num_rollout_workers={workers} "
              "must both be at least 1")  # fmt: skip

@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from tensordict import TensorDict
 
-from algorithms import ddpo
+from algorithms import LearnerContext, load_algorithm, make_config
 from rlft.buffer import TrajectoryBuffer
 from rlft.rollout import RolloutGroup, build_policy, derive_seed, set_torch_threads
 
 Report = Callable[[str, dict], None]  # (kind, payload): kind is "metrics", "eval" or "weights"
-
-
-def algo_config(cfg: dict) -> ddpo.DDPOConfig:
-    return ddpo.DDPOConfig(**{k: v for k, v in cfg["algo"].items() if k != "name"})
 
 
 def lr_factor(cfg: dict, epoch: int) -> float:
@@ -39,33 +34,42 @@ def lr_factor(cfg: dict, epoch: int) -> float:
 
 
 class Learner:
+    """One learner replica: the policy being trained, its optimizer, its buffer shard and the algorithm."""
+
     def __init__(self, cfg: dict, device: torch.device, rank: int = 0, world_size: int = 1):
         set_torch_threads(cfg)
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
-        self.algo = algo_config(cfg)
+        self.algorithm = load_algorithm(cfg["algo"]["name"])
+        self.algo = make_config(self.algorithm, cfg["algo"])
         torch.manual_seed(derive_seed(cfg["seed"], 1, rank))  # minibatch shuffling in the buffer's sampler
-        self.policy, _ = build_policy(cfg, device)
+        self.policy, env = build_policy(cfg, device)
         self.policy.train()
-        trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        self.network = self.policy
+        network = self.policy
         if world_size > 1:
-            self.network = torch.nn.parallel.DistributedDataParallel(
+            network = torch.nn.parallel.DistributedDataParallel(
                 self.policy, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.optimizer = torch.optim.AdamW(trainable, lr=self.algo.lr, weight_decay=self.algo.weight_decay)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(cfg, e))
-        samples = cfg["trainer"]["samples_per_epoch"] // world_size
-        self.buffer = TrajectoryBuffer(
-            capacity=cfg["trainer"]["buffer_capacity"] or samples,
-            minibatch_size=self.algo.minibatch_size,
-            max_staleness=cfg["trainer"]["max_staleness"],
-        )
-        self.stat_tracker = ddpo.PerContextStatTracker(self.algo.stat_window, self.algo.stat_min_count)
-        self.generator = torch.Generator().manual_seed(derive_seed(cfg["seed"], 2, rank))
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.algo.lr, weight_decay=self.algo.weight_decay)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
+        buffer = None
+        if self.algorithm.USES_ROLLOUTS:
+            buffer = TrajectoryBuffer(
+                capacity=cfg["trainer"]["buffer_capacity"] or cfg["trainer"]["samples_per_epoch"] // world_size,
+                minibatch_size=self.algo.minibatch_size,
+                max_staleness=cfg["trainer"]["max_staleness"],
+            )
+        generator = torch.Generator().manual_seed(derive_seed(cfg["seed"], 2, rank))
+        self.ctx = LearnerContext(self.policy, network, optimizer, env, buffer, generator, device, world_size)
+        self.state = self.algorithm.make_state(self.algo)
         self.policy_version = 0
 
+    @property
+    def buffer(self) -> TrajectoryBuffer | None:
+        return self.ctx.buffer
+
     def ingest(self, batches: list[tuple[str, TensorDict]]) -> dict[str, float]:
-        """Add one epoch's trajectories: drop non-finite rewards (counted), compute advantages, store."""
+        """Add one epoch's trajectories: drop non-finite rewards (counted), let the algorithm prepare them, store."""
         fresh = [(uid, batch) for uid, batch in batches if not self.buffer.seen(uid)]
         metrics = {"buffer/duplicates": float(len(batches) - len(fresh))}
         if not fresh:
@@ -75,44 +79,36 @@ class Learner:
         metrics["reward/nonfinite"] = float((~finite).sum())
         if not finite.any():
             return metrics
-        kept = ddpo.compute_advantages(batch[finite], self.algo, self.stat_tracker)
-        metrics.update({
-            "reward/mean": kept["reward"].mean().item(),
-            "reward/std": kept["reward"].std(unbiased=False).item(),
-            "reward/max": kept["reward"].max().item(),
-        })  # fmt: skip
-        batch["advantage"] = torch.zeros(len(batch))
-        batch["advantage"][finite] = kept["advantage"]
+        kept, prepared_metrics = self.algorithm.prepare(batch[finite], self.algo, self.state)
+        metrics.update(prepared_metrics)
+        metrics.update(reward_metrics(kept["reward"]))
+        for key in kept.keys() - batch.keys():  # entries the algorithm added (advantages...), zero where dropped
+            batch[key] = torch.zeros((len(batch), *kept[key].shape[1:]), dtype=kept[key].dtype)
+            batch[key][finite] = kept[key]
         # stored per uid (finite rows only), so a replay of any one rollout batch is recognised
         for (uid, _), part in zip(fresh, batch.split([b.batch_size[0] for _, b in fresh]), strict=True):
             self.buffer.add(uid, part[part["reward_finite"]])
         return metrics
 
     def update(self) -> dict[str, float]:
-        """Train on the buffer (inner epochs x minibatches), then bump the policy version."""
-        evicted = self.buffer.evict_stale(self.policy_version)
-        num_minibatches = math.ceil(len(self.buffer) / self.algo.minibatch_size)
-        if self.world_size > 1:  # every replica must take the same number of DDP steps
-            count = torch.tensor([num_minibatches], device=self.device)
-            dist.all_reduce(count, op=dist.ReduceOp.MIN)
-            num_minibatches = int(count)
-        totals: dict[str, float] = defaultdict(float)
-        steps = 0
-        for _ in range(self.algo.inner_epochs):
-            for i, minibatch in enumerate(self.buffer.minibatches()):
-                if i >= num_minibatches:
-                    break
-                for key, value in ddpo.train_step(
-                    self.policy, self.optimizer, minibatch.to(self.device), self.algo, self.generator, self.network
-                ).items():
-                    totals[key] += value
-                steps += 1
+        """The algorithm's update for this epoch, then the next policy version."""
+        evicted = self.buffer.evict_stale(self.policy_version) if self.buffer is not None else 0
+        metrics = self.algorithm.update(self.ctx, self.algo, self.state)
         self.lr_scheduler.step()
         self.policy_version += 1
-        metrics = {key: value / max(1, steps) for key, value in totals.items()}
-        metrics.update({"train/optimizer_steps": float(steps), "train/lr": self.optimizer.param_groups[0]["lr"],
-                        "buffer/evicted_stale": float(evicted), "buffer/size": float(len(self.buffer))})  # fmt: skip
+        metrics["train/lr"] = self.ctx.optimizer.param_groups[0]["lr"]
+        if self.buffer is not None:
+            metrics.update({"buffer/evicted_stale": float(evicted), "buffer/size": float(len(self.buffer))})
         return metrics
+
+
+def reward_metrics(rewards: torch.Tensor) -> dict[str, float]:
+    rewards = rewards.detach().float()
+    return {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std(unbiased=False).item(),
+        "reward/max": rewards.max().item(),
+    }
 
 
 def mean_over_replicas(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -140,9 +136,11 @@ def train(cfg: dict, rollouts: RolloutGroup, report: Report, device: torch.devic
     evaluate(0)
     for epoch in range(trainer["epochs"]):
         start = time.perf_counter()
-        batches = rollouts.collect(learner.policy_version, derive_seed(cfg["seed"], 3, epoch, rank), samples)
+        metrics = {}
+        if learner.algorithm.USES_ROLLOUTS:
+            seed = derive_seed(cfg["seed"], 3, epoch, rank)
+            metrics = learner.ingest(rollouts.collect(learner.policy_version, seed, samples))
         collected = time.perf_counter()
-        metrics = learner.ingest(batches)
         metrics.update(learner.update())
         rollouts.publish(learner.policy.trainable_state_dict(), learner.policy_version)
         end = time.perf_counter()

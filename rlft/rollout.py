@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from algorithms import load_algorithm
 from envs.tasks import make_env
 from rlft.policy import DiffusionPolicy, load_base_model
 
@@ -58,6 +59,8 @@ class RolloutWorker:
         self.policy, self.env = build_policy(cfg, self.device)
         self.policy.eval().requires_grad_(False)
         self.policy_version = 0
+        algorithm = load_algorithm(cfg["algo"]["name"])
+        self.record_noise = "noise" in getattr(algorithm, "ROLLOUT_KEYS", ())
 
     def set_weights(self, weights: dict[str, torch.Tensor], policy_version: int) -> None:
         self.policy.load_trainable_state_dict(weights)
@@ -75,17 +78,20 @@ class RolloutWorker:
         """One env batch: reset with `seed`, denoise all steps, return the trajectories."""
         env, policy = self.env, self.policy
         obs, _ = env.reset(seed=seed)
-        latents, log_probs = [obs["x_t"]], []
+        latents, log_probs, noises = [obs["x_t"]], [], []
         for k in range(env.schedule.num_steps):
             noise = torch.randn(obs["x_t"].shape, generator=env.generator).to(self.device)
             out = policy.step(obs["x_t"], k, obs["context"], noise=noise)
             obs, reward, terminated, _, info = env.step(out.prev_sample)
             latents.append(obs["x_t"])
             log_probs.append(out.log_prob)
+            noises.append(noise)
         assert bool(terminated.all()), "the env must terminate after the schedule's last step"
         n = env.num_envs
+        extra = {"noise": torch.stack(noises, dim=1)} if self.record_noise else {}  # [n, T, C, H, W]
         return TensorDict(
             {
+                **extra,
                 "latents": torch.stack(latents, dim=1),  # [n, T+1, C, H, W]: x_T ... x_0
                 "log_prob": torch.stack(log_probs, dim=1),  # [n, T]
                 "context": obs["context"],  # [n, *ctx]

@@ -67,5 +67,5 @@ def test_algorithm_yaml_defaults_equal_the_config_dataclass():
     import dataclasses
 
     cfg = compose("config", [])
-    fields = {f.name: f.default for f in dataclasses.fields(algorithms.ddpo.DDPOConfig)}
+    fields = {f.name: f.default for f in dataclasses.fields(algorithms.ddpo.Config)}
     assert {k: v for k, v in cfg.algo.items() if k != "name"} == fields

@@ -43,12 +43,12 @@ def test_first_inner_step_is_exactly_on_policy(tiny_model_dir):
     learner = Learner(cfg, torch.device("cpu"))
     learner.ingest([("batch-0", worker.collect(0, seed=7, n=16))])
     minibatch = next(iter(learner.buffer.minibatches()))
-    metrics = ddpo.train_step(learner.policy, learner.optimizer, minibatch, learner.algo, learner.generator)
+    metrics = ddpo.train_step(learner.ctx, minibatch, learner.algo)
     assert metrics["ddpo/ratio"] == 1.0
     assert metrics["ddpo/approx_kl"] == 0.0
     assert metrics["ddpo/clip_fraction"] == 0.0
     # ... and after that step the policy has moved, so the ratio no longer is 1
-    again = ddpo.train_step(learner.policy, learner.optimizer, minibatch, learner.algo, learner.generator)
+    again = ddpo.train_step(learner.ctx, minibatch, learner.algo)
     assert again["ddpo/approx_kl"] > 0
 
 
@@ -65,7 +65,7 @@ def test_timestep_fraction_trains_on_that_share_of_stochastic_steps(tiny_model_d
         return original(*args, **kwargs)
 
     learner.policy.step = counting_step
-    ddpo.train_step(learner.policy, learner.optimizer, batch, learner.algo, learner.generator)
+    ddpo.train_step(learner.ctx, batch, learner.algo)
     assert len(calls) == 4  # 8 stochastic steps (the 9th lands on alpha-bar = 1), half of them
     assert all(int(index.max()) < 8 for index in calls)
 
