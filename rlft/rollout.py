@@ -18,6 +18,8 @@ from algorithms import load_algorithm
 from envs.tasks import make_env
 from rlft.policy import DiffusionPolicy, load_base_model
 
+NETWORK_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # policy.dtype -> autocast dtype (None: plain fp32)
+
 
 def derive_seed(*keys: int) -> int:
     """A stable 63-bit seed from integer keys (run seed, epoch, worker, chunk...)."""
@@ -47,7 +49,13 @@ def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]
         reward=cfg["reward"],
         device=device,
     )
-    return DiffusionPolicy(unet.to(device), env.schedule), env
+    fast = cfg["policy"]
+    policy = DiffusionPolicy(
+        unet.to(device), env.schedule, autocast_dtype=NETWORK_DTYPES[fast["dtype"]], channels_last=fast["channels_last"]
+    )
+    if fast["compile"]:
+        policy.compile_network()
+    return policy, env
 
 
 class RolloutWorker:
