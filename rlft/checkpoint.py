@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rlft.config import ConfigError
@@ -147,16 +147,23 @@ def _digest(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _check_safetensors(path: Path) -> None:
+    """Refuse anything but a safetensors file (whose header safe_open parses without reading the tensors)."""
     with open(path, "rb") as f:
         head = f.read(4)
     if head.startswith(PICKLE_MAGIC):
         raise CheckpointError(f"{path} holds a pickle (or a torch.save archive), which could run code when loaded; "
                               "refused: checkpoints hold only safetensors and JSON")  # fmt: skip
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    _check_safetensors(path)
+    return load_file(str(path))
 
 
 def _read_json(path: Path) -> Any:
@@ -203,6 +210,11 @@ class Checkpoint:
         unexpected = sorted({p.name for p in path.iterdir()} - set(state["files"]) - {"state.json", COMMIT_MARKER})
         if unexpected:
             raise CheckpointError(f"{path}: unexpected files {unexpected}; checkpoints hold only the files they list")
+        for name in state["files"]:
+            if name.endswith(".safetensors"):
+                _check_safetensors(path / name)
+            else:
+                _read_json(path / name)
         return cls(path, state)
 
     def shared(self) -> tuple[dict[str, torch.Tensor], dict]:
