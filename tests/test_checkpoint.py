@@ -175,3 +175,14 @@ def test_a_new_run_does_not_silently_take_over_a_folder_with_checkpoints(three_c
 def test_resume_auto_finds_the_run_with_the_same_config(three_checkpoints, tiny_model_dir, capsys):
     run(tiny_model_dir, three_checkpoints, "trainer.epochs=3", "resume=auto")
     assert f"resuming {three_checkpoints} from epoch_000003" in capsys.readouterr().out
+
+
+def test_a_resumed_run_continues_its_wandb_run(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    overrides = ["logging.wandb=offline", "trainer.checkpoint_every=2"]
+    run(tiny_model_dir, run_dir, "trainer.epochs=2", *overrides)
+    run_id = Checkpoint.open(committed(run_dir / "checkpoints")[-1]).state["wandb_run_id"]
+    run(tiny_model_dir, run_dir, "trainer.epochs=3", f"resume={run_dir}", *overrides)
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)
