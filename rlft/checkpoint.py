@@ -83,7 +83,11 @@ def model_signature(cfg: dict) -> dict[str, Any]:
         from envs.digits import BASE_MODEL_DIR
 
         spec = str(BASE_MODEL_DIR)
-    architecture = {f"model.{k}": v for k, v in UNet2DModel.load_config(spec).items() if not k.startswith("_")}
+    try:
+        config = UNet2DModel.load_config(spec)
+    except (OSError, ValueError):  # a missing model is reported, with the fix, when the learners load it
+        config = {}
+    architecture = {f"model.{k}": v for k, v in config.items() if not k.startswith("_")}
     return {"algo.name": cfg["algo"]["name"], "env.base_model": cfg["env"]["base_model"], **architecture}
 
 
@@ -365,11 +369,13 @@ class RunPlan:
 def _matching_runs(root: Path, wanted: str) -> list[tuple[float, Path]]:
     found = []
     for run in root.glob("*") if root.is_dir() else []:
-        checkpoints = committed(run / "checkpoints")
-        if checkpoints:
-            state = json.loads((checkpoints[-1] / "state.json").read_text())
-            if state.get("config_hash") == wanted:
-                found.append(((checkpoints[-1] / COMMIT_MARKER).stat().st_mtime, run))
+        checkpoints = committed(run / "checkpoints")  # only state.json is read here: hashing every file is slow
+        try:
+            state = json.loads((checkpoints[-1] / "state.json").read_text()) if checkpoints else {}
+        except (OSError, ValueError):
+            continue
+        if state.get("config_hash") == wanted:
+            found.append(((checkpoints[-1] / COMMIT_MARKER).stat().st_mtime, run))
     return sorted(found)
 
 
