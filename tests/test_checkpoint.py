@@ -186,3 +186,30 @@ def test_a_resumed_run_continues_its_wandb_run(tiny_model_dir, tmp_path, monkeyp
     run(tiny_model_dir, run_dir, "trainer.epochs=3", f"resume={run_dir}", *overrides)
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)
+
+
+def test_a_save_killed_before_its_commit_leaves_the_previous_checkpoints_intact(tiny_model_dir, tmp_path, monkeypatch):
+    from rlft.checkpoint import Checkpointer, latest_valid
+    from rlft.learner import Learner
+    from tests.helpers import tiny_cfg
+
+    cfg = tiny_cfg(tiny_model_dir)
+    learner = Learner(cfg, torch.device("cpu"))
+    checkpointer = Checkpointer(str(tmp_path), every=1, keep=2, config_hash="h", config=cfg, signature={})
+    folder = checkpointer.folder
+    checkpointer.save(learner, 1)
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed between writing the files and the rename")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save(learner, 2)
+    monkeypatch.undo()
+    assert [p.name for p in committed(folder)] == ["epoch_000001"] and (folder / ".epoch_000002.tmp").exists()
+    checkpointer.save(learner, 2)
+    checkpointer.save(learner, 3)
+    assert [p.name for p in committed(folder)] == ["epoch_000002", "epoch_000003"]  # keep=2
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_000002", "epoch_000003"]  # no temporary left over
+    (folder / "epoch_000003" / COMMIT_MARKER).unlink()  # renamed but not yet marked: not a checkpoint
+    assert latest_valid(folder).epoch == 2
