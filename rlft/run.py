@@ -3,6 +3,7 @@
     python -m rlft.run                                   # DDPO on the shipped digits DDPM, digit reward, CPU
     python -m rlft.run reward=jpeg_compressibility trainer.epochs=30
     python -m rlft.run ray.enabled=false                 # the same loop in one process, without Ray
+    python -m rlft.run resume=runs/<folder>              # continue a run from its newest checkpoint (or resume=auto)
 
 The config is composed and checked before Ray starts; the run folder is printed first and holds everything
 the run writes (see rlft/recorder.py).
@@ -30,21 +31,27 @@ def main(argv: list[str] | None = None) -> Path:
         validate(cfg)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as error:
         raise SystemExit(f"rlft: {error}") from None
-    run_dir = make_run_dir(cfg)
+    plain = to_container(cfg)
+    from rlft.checkpoint import plan_run
+
+    try:  # resume=<folder>|auto: which folder, which checkpoint (refused when made for another model)
+        plan = plan_run(plain, make_run_dir(cfg))
+    except ConfigError as error:
+        raise SystemExit(f"rlft: {error}") from None
+    run_dir = plan.run_dir
     from rlft.recorder import Recorder
 
-    recorder = Recorder(run_dir, cfg, cfg.trainer.epochs)
+    recorder = Recorder(run_dir, cfg, cfg.trainer.epochs, wandb_run_id=plan.checkpointer.wandb_run_id)
     print(f"rlft: run folder {run_dir}", flush=True)
-    plain = to_container(cfg)
     try:
         if cfg.ray.enabled:
             from rlft.pipeline import run_with_ray
 
-            run_with_ray(plain, recorder, run_dir)
+            run_with_ray(plain, recorder, run_dir, plan.checkpointer)
         else:
             from rlft.pipeline import run_local
 
-            run_local(plain, recorder)
+            run_local(plain, recorder, plan.checkpointer)
     finally:
         recorder.close()
     print(f"rlft: done; results in {run_dir}", flush=True)
