@@ -15,6 +15,7 @@ import torch
 from tensordict import TensorDict
 
 from algorithms import load_algorithm
+from envs.models import is_stable_diffusion
 from envs.tasks import make_env
 from rlft.policy import DiffusionPolicy, load_base_model
 
@@ -36,6 +37,16 @@ def set_torch_threads(cfg: dict) -> None:
 
 def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]:
     """The base model as a policy, plus a batched env of `rollout_batch_size` samples sharing its schedule."""
+    reward = cfg["reward"]
+    if reward.get("remote"):  # scores come from the run's reward actor (rlft.remote_reward)
+        from rlft.remote_reward import remote_reward
+
+        reward = remote_reward(reward)
+    if is_stable_diffusion(cfg["env"]):
+        from rlft.stable_diffusion import build_sd_policy
+
+        unet, env = build_sd_policy(cfg, reward, device)
+        return DiffusionPolicy(unet, env.schedule), env
     unet, scheduler_config = load_base_model(cfg["env"]["base_model"])
     sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     env = make_env(
@@ -44,7 +55,7 @@ def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]
         scheduler_config=scheduler_config,
         num_inference_steps=cfg["env"]["num_inference_steps"],
         eta=cfg["env"]["eta"],
-        reward=cfg["reward"],
+        reward=reward,
         device=device,
     )
     return DiffusionPolicy(unet.to(device), env.schedule), env
@@ -113,7 +124,8 @@ class RolloutWorker:
     def evaluate(self, policy_version: int, seed: int, n: int) -> dict:
         """Final samples from fixed noise (`seed`), their rewards and the reward's own metrics."""
         batch = self.collect(policy_version, seed, n)
-        images = batch["latents"][:, -1]
+        with torch.no_grad():  # latent models decode x_0 to the images the reward saw
+            images = torch.cat([self.env.decode(x.to(self.device)).cpu() for x in batch["latents"][:, -1].split(8)])
         finite = batch["reward_finite"]
         metrics = {f"eval/{k}": v for k, v in self.env.reward.describe(images.to(self.device)).items()}
         metrics["eval/reward_mean"] = batch["reward"][finite].mean().item() if finite.any() else float("nan")
