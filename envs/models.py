@@ -24,8 +24,9 @@ class ModelUnavailableError(FileNotFoundError):
 
 
 def unavailable(model_id: str, what: str, config_key: str, cause: BaseException | str) -> ModelUnavailableError:
+    reason = " ".join(str(cause).split())  # library messages span lines; the error reads as one
     if Path(model_id).expanduser().exists():
-        where = f"the folder {model_id} exists but does not hold a loadable {what} ({cause})"
+        where = f"the folder {model_id} exists but does not hold a loadable {what} ({reason})"
         return ModelUnavailableError(
             f"cannot load the {what} from {where}. Save one there with `save_pretrained`, or point "
             f"{config_key}=... at another folder or Hub id"
@@ -34,7 +35,7 @@ def unavailable(model_id: str, what: str, config_key: str, cause: BaseException 
     state = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub was not reachable or refused it"
     return ModelUnavailableError(
         f"cannot load the {what} {model_id!r}: it is not a local folder, not in the Hugging Face cache, and {state} "
-        f"({type(cause).__name__ if isinstance(cause, BaseException) else 'reason'}: {cause}). Provide it in one of "
+        f"({type(cause).__name__ if isinstance(cause, BaseException) else 'reason'}: {reason}). Provide it in one of "
         f"three ways: (1) a local copy: {config_key}=/path/to/folder (a folder written by save_pretrained or "
         f"`hf download {model_id} --local-dir /path/to/folder`); (2) the HF cache: run `hf download {model_id}` on "
         "a machine with network, copy its cache ($HF_HOME, default ~/.cache/huggingface) here and set "
