@@ -134,3 +134,29 @@ def test_prompts_come_from_a_prompt_file(tiny_sd, tmp_path):
     assert worker.env.context_sampler.prompts == ["a cat", "an owl at night"]
     with pytest.raises(FileNotFoundError, match="env.prompt_file=/nonexistent.txt does not exist"):
         RolloutWorker({**cfg, "env": {**cfg["env"], "prompt_file": "/nonexistent.txt"}})
+
+
+def test_ddpo_trains_the_stable_diffusion_unet_through_guidance(tiny_sd, tmp_path):
+    from rlft.learner import Learner
+
+    cfg = cfg_for("env=sd15", f"env.base_model={tiny_sd}", "env.resolution=32", "env.guidance_scale=4.0",
+                  "algo.lr=1e-3")  # fmt: skip
+    worker, learner = RolloutWorker(cfg), Learner(cfg, torch.device("cpu"))
+    assert not any("negative_embedding" in k for k in learner.policy.trainable_state_dict())
+    before = {k: v.clone() for k, v in learner.policy.trainable_state_dict().items()}
+    learner.ingest([("b0", worker.collect(0, seed=0, n=4))])
+    metrics = learner.update()
+    assert metrics["ddpo/clip_fraction"] >= 0 and torch.isfinite(torch.tensor(metrics["loss/policy"]))
+    after = learner.policy.trainable_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the guided UNet's weights moved
+    worker.set_weights(after, 1)  # and the rollout worker takes them
+
+
+def test_registered_gymnasium_ids_build_the_env_from_the_model_configs(tiny_rgb_ddpm):
+    import gymnasium
+
+    env = gymnasium.make_vec("rlft/CIFAR10-v0", 2, vectorization_mode="vector_entry_point",
+                             base_model=str(tiny_rgb_ddpm), num_inference_steps=4)  # fmt: skip
+    obs, _ = env.reset(seed=0)
+    assert obs["x_t"].shape == (2, 3, 16, 16) and env.schedule.num_steps == 4
+    assert gymnasium.spec("rlft/CelebAHQ-v0").kwargs["base_model"] == "google/ddpm-celebahq-256"
