@@ -27,13 +27,14 @@ def _image_features(output) -> torch.Tensor:
 
 
 class LinearStack(nn.Module):
-    """A stack of linear layers with no activations, laid out like the saved head (`layers.<i>` or one Linear).
+    """A stack of linear layers laid out like the saved head (`layers.<i>` or one Linear).
 
     The LAION heads are such stacks: `layers.{0,2,4,6,7}` (768 -> 1024 -> 128 -> 64 -> 16 -> 1, the gaps are
-    dropouts, identities at inference) or a single linear map (`weight`, `bias`).
+    dropouts, identities at inference, and there are no activations) or a single linear map (`weight`, `bias`).
+    `activation="relu"` puts a ReLU after every linear layer but the last (the "reluMSE" heads).
     """
 
-    def __init__(self, state: dict[str, torch.Tensor], source: str):
+    def __init__(self, state: dict[str, torch.Tensor], source: str, activation: str | None = None):
         super().__init__()
         keys = set(state)
         if keys == {"weight", "bias"}:
@@ -52,13 +53,25 @@ class LinearStack(nn.Module):
                 out_features, in_features = state[f"layers.{i}.weight"].shape
                 layers[i] = nn.Linear(in_features, out_features)
             self.layers = nn.Sequential(*layers)
+        if activation not in (None, "relu"):
+            raise ValueError(f"reward.head_activation={activation}; use null (linearMSE heads) or relu (reluMSE heads)")
+        self.activation = activation
         self.load_state_dict(state)
 
+    @property
+    def in_features(self) -> int:
+        return next(m for m in self.layers if isinstance(m, nn.Linear)).in_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        linears = [m for m in self.layers if isinstance(m, nn.Linear)]
+        for layer in self.layers:
+            x = layer(x)
+            if self.activation == "relu" and isinstance(layer, nn.Linear) and layer is not linears[-1]:
+                x = torch.relu(x)
+        return x
 
 
-def load_head(path: str) -> LinearStack:
+def load_head(path: str, activation: str | None = None) -> LinearStack:
     """The head weights: safetensors, or a plain state dict read with torch.load(weights_only=True)."""
     file = Path(path).expanduser()
     if not file.is_file():
@@ -73,12 +86,15 @@ def load_head(path: str) -> LinearStack:
         state = load_file(str(file))
     else:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    return LinearStack({k: v.float() for k, v in state.items()}, str(file))
+    return LinearStack({k: v.float() for k, v in state.items()}, str(file), activation)
 
 
 @register_reward("aesthetic")
 def aesthetic(
-    device: str | torch.device = "cpu", clip_model: str = "openai/clip-vit-large-patch14", head_path: str | None = None
+    device: str | torch.device = "cpu",
+    clip_model: str = "openai/clip-vit-large-patch14",
+    head_path: str | None = None,
+    head_activation: str | None = None,
 ) -> Reward:
     """The LAION aesthetic score (about 1-10) of each image: head(clip_embedding / |clip_embedding|)."""
     from transformers import AutoImageProcessor, CLIPModel
@@ -91,10 +107,10 @@ def aesthetic(
     clip = from_pretrained(CLIPModel, clip_model, "CLIP model of the aesthetic reward", "reward.clip_model")
     processor = from_pretrained(AutoImageProcessor, clip_model, "CLIP image processor", "reward.clip_model")
     clip = clip.to(device).eval().requires_grad_(False)
-    head = load_head(head_path).to(device).eval().requires_grad_(False)
-    if head.layers[0].in_features != clip.config.projection_dim:
+    head = load_head(head_path, head_activation).to(device).eval().requires_grad_(False)
+    if head.in_features != clip.config.projection_dim:
         raise ValueError(
-            f"the aesthetic head {head_path} takes {head.layers[0].in_features}-d embeddings but {clip_model} makes "
+            f"the aesthetic head {head_path} takes {head.in_features}-d embeddings but {clip_model} makes "
             f"{clip.config.projection_dim}-d ones; use the CLIP the head was trained on (ViT-L/14: 768-d)"
         )
     preprocess = ImagePreprocess(processor).to(device)

@@ -93,6 +93,19 @@ def test_aesthetic_head_problems_are_named(tiny_clip, tmp_path):
         LinearStack({"fc.weight": torch.zeros(1, 4)}, "odd.pth")
 
 
+def test_a_relu_head_applies_relu_between_its_linear_layers():
+    state = {"layers.0.weight": torch.randn(8, 4), "layers.0.bias": torch.randn(8),
+             "layers.3.weight": torch.randn(1, 8), "layers.3.bias": torch.randn(1)}  # fmt: skip
+    x = torch.randn(5, 4)
+    hidden = x @ state["layers.0.weight"].T + state["layers.0.bias"]
+    relu = LinearStack(state, "relu.pth", "relu")(x)
+    plain = LinearStack(state, "linear.pth")(x)
+    torch.testing.assert_close(relu, hidden.relu() @ state["layers.3.weight"].T + state["layers.3.bias"])
+    torch.testing.assert_close(plain, hidden @ state["layers.3.weight"].T + state["layers.3.bias"])
+    with pytest.raises(ValueError, match="reward.head_activation=gelu"):
+        LinearStack(state, "x.pth", "gelu")
+
+
 def test_over50_is_the_probability_of_the_ages_from_fifty(tiny_age):
     reward = make_reward("over50", classifier=str(tiny_age))
     pixels, images = uint8_images(6, 24, seed=2)
