@@ -148,6 +148,7 @@ def validate(cfg: DictConfig) -> None:
     _require(r.enabled or not cfg.reward.remote, "reward.remote=true runs the reward in a Ray actor; it needs "
              "ray.enabled=true (or set reward.remote=false)")  # fmt: skip
     _one_of("trainer.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    _one_of("policy.dtype", cfg.policy.dtype, ("fp32", "bf16"))
     _one_of("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))
     _require(t.epochs >= 1 and cfg.eval.every >= 1, "trainer.epochs and eval.every must be at least 1")
     if cfg.device.startswith("cuda") and r.enabled:

@@ -19,6 +19,8 @@ from envs.models import is_stable_diffusion
 from envs.tasks import make_env
 from rlft.policy import DiffusionPolicy, load_base_model
 
+NETWORK_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # policy.dtype -> autocast dtype (None: plain fp32)
+
 
 def derive_seed(*keys: int) -> int:
     """A stable 63-bit seed from integer keys (run seed, epoch, worker, chunk...)."""
@@ -42,23 +44,29 @@ def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]
         from rlft.remote_reward import remote_reward
 
         reward = remote_reward(reward)
-    if is_stable_diffusion(cfg["env"]):
+    if is_stable_diffusion(cfg["env"]):  # the guided UNet2DConditionModel; prompts and the VAE live in the env
         from rlft.stable_diffusion import build_sd_policy
 
         unet, env = build_sd_policy(cfg, reward, device)
-        return DiffusionPolicy(unet, env.schedule), env
-    unet, scheduler_config = load_base_model(cfg["env"]["base_model"])
-    sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    env = make_env(
-        num_envs=cfg["trainer"]["rollout_batch_size"],
-        sample_shape=sample_shape,
-        scheduler_config=scheduler_config,
-        num_inference_steps=cfg["env"]["num_inference_steps"],
-        eta=cfg["env"]["eta"],
-        reward=reward,
-        device=device,
+    else:
+        unet, scheduler_config = load_base_model(cfg["env"]["base_model"])
+        sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        env = make_env(
+            num_envs=cfg["trainer"]["rollout_batch_size"],
+            sample_shape=sample_shape,
+            scheduler_config=scheduler_config,
+            num_inference_steps=cfg["env"]["num_inference_steps"],
+            eta=cfg["env"]["eta"],
+            reward=reward,
+            device=device,
+        )
+    fast = cfg["policy"]
+    policy = DiffusionPolicy(
+        unet.to(device), env.schedule, autocast_dtype=NETWORK_DTYPES[fast["dtype"]], channels_last=fast["channels_last"]
     )
-    return DiffusionPolicy(unet.to(device), env.schedule), env
+    if fast["compile"]:
+        policy.compile_network()
+    return policy, env
 
 
 class RolloutWorker:

@@ -91,7 +91,8 @@ def test_a_folder_without_the_model_files_is_named(tmp_path):
 
 
 def test_stable_diffusion_env_rolls_out_in_latent_space_and_rewards_decoded_images(tiny_sd):
-    cfg = cfg_for("env=sd15", f"env.base_model={tiny_sd}", "env.resolution=32", "env.guidance_scale=3.0")
+    cfg = cfg_for("env=sd15", f"env.base_model={tiny_sd}", "env.resolution=32", "env.guidance_scale=3.0",
+                  "policy.channels_last=true")  # the fast-path options apply to the guided UNet too
     worker = RolloutWorker(cfg)
     batch = worker.collect(0, seed=2, n=4)
     assert batch["latents"].shape == (4, 4, 4, 16, 16)  # [B, T+1, latent channels, 32 / 2, 32 / 2]
