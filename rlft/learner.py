@@ -37,7 +37,7 @@ class Learner:
     """One learner replica: the policy being trained, its optimizer, its buffer shard and the algorithm."""
 
     def __init__(self, cfg: dict, device: torch.device, rank: int = 0, world_size: int = 1):
-        set_torch_threads(cfg)
+        set_torch_threads(cfg, "learner")
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         self.algorithm = load_algorithm(cfg["algo"]["name"])
         self.algo = make_config(self.algorithm, cfg["algo"])

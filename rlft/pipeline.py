@@ -30,11 +30,17 @@ from rlft.rollout import RolloutGroup, RolloutWorker, local_call
 WORKER_ENV = {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}
 
 
+def quiet_worker_logs() -> None:
+    """Runs in every Ray worker: without the dashboard (off here) Ray Train's placement-group cleaner cannot use
+    the state API and warns about it every few seconds; that warning says nothing about the run."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def init_ray(cfg: dict) -> None:
     """Join `ray.address` or $RAY_ADDRESS if given, else start a local Ray with the dashboard off."""
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": WORKER_ENV}
+    runtime_env = {"env_vars": WORKER_ENV, "worker_process_setup_hook": "rlft.pipeline.quiet_worker_logs"}
     address = cfg["ray"]["address"] or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)

@@ -27,14 +27,19 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def set_torch_threads(cfg: dict) -> None:
-    threads = cfg["ray"]["torch_threads"]
-    if threads:
-        torch.set_num_threads(int(threads))
-    else:
-        import os
+def set_torch_threads(cfg: dict, role: str) -> None:
+    """Threads for a "rollout" or "learner" process: `ray.<role>_threads`, else this node's cores shared by the
+    processes of that role, which work at the same time (rollout workers collect together, then learners update
+    together). Small convolutions scale poorly over threads, so two 1-thread actors beat one 2-thread process."""
+    import os
 
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    r = cfg["ray"]
+    threads = r[f"{role}_threads"]
+    if not threads:
+        cores = len(os.sched_getaffinity(0))
+        sharing = (r["num_rollout_workers"] if role == "rollout" else r["num_learners"]) if r["enabled"] else 1
+        threads = max(1, cores // sharing)
+    torch.set_num_threads(int(threads))
 
 
 def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]:
@@ -71,7 +76,7 @@ def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]
 
 class RolloutWorker:
     def __init__(self, cfg: dict, worker_index: int = 0):
-        set_torch_threads(cfg)
+        set_torch_threads(cfg, "rollout")
         self.device = torch.device(cfg["device"] if cfg["device"] != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
         self.worker_index = worker_index

@@ -15,7 +15,7 @@ from rlft.run import main
 from tests.helpers import tiny_cfg
 
 TINY = ["env.num_inference_steps=4", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16",
-        "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=1", "ray.torch_threads=1",
+        "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=1", "ray.rollout_threads=1", "ray.learner_threads=1",
         "logging.wandb=disabled"]  # fmt: skip
 
 
