@@ -16,7 +16,7 @@ from rlft.run import main as run
 TINY_RUN = ["env.num_inference_steps=3", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=8",
             "algo.minibatch_size=8", "eval.num_samples=8", "trainer.epochs=1", "ray.enabled=false",
             "ray.rollout_threads=1", "ray.learner_threads=1", "logging.wandb=disabled", "logging.progress=false",
-            "algo.lr=3e-3"]  # fmt: skip
+            "algo.lr=3e-3", "ray.num_rollout_workers=1"]  # fmt: skip
 
 
 def run_config(run_dir) -> dict:

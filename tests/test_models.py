@@ -16,7 +16,8 @@ from tests.tiny_models import save_tiny_stable_diffusion
 
 SMALL = ["env.num_inference_steps=3", "trainer.rollout_batch_size=4", "trainer.samples_per_epoch=4",
          "algo.minibatch_size=4", "eval.num_samples=4", "ray.rollout_threads=1", "ray.learner_threads=1",
-         "logging.wandb=disabled", "logging.progress=false", "reward=jpeg_compressibility"]  # fmt: skip
+         "ray.num_rollout_workers=1", "logging.wandb=disabled", "logging.progress=false",
+         "reward=jpeg_compressibility"]  # fmt: skip
 
 
 def cfg_for(*overrides: str) -> dict:
