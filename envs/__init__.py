@@ -2,7 +2,8 @@
 
 import gymnasium
 
-from envs.tasks import make_digits_env, make_digits_vector_env
+from envs import reward_models  # noqa: F401  (registers the aesthetic and over50 rewards)
+from envs.tasks import make_ddpm_vector_env, make_digits_env, make_digits_vector_env
 
 gymnasium.register(
     id="rlft/Digits-v0",
@@ -11,4 +12,13 @@ gymnasium.register(
     max_episode_steps=None,
 )
 
-__all__ = ["make_digits_env", "make_digits_vector_env"]
+# the google/ddpm-* base models: `gymnasium.make_vec("rlft/CelebAHQ-v0", 8, vectorization_mode="vector_entry_point")`
+# (the env reads the model's configs from the Hub id or `base_model=/folder`; the policy loads the weights)
+for _id, _model in [("CelebAHQ", "google/ddpm-celebahq-256"), ("Church", "google/ddpm-church-256"),
+                    ("CIFAR10", "google/ddpm-cifar10-32")]:  # fmt: skip
+    gymnasium.register(
+        id=f"rlft/{_id}-v0", vector_entry_point=make_ddpm_vector_env, kwargs={"base_model": _model},
+        max_episode_steps=None,
+    )  # fmt: skip
+
+__all__ = ["make_ddpm_vector_env", "make_digits_env", "make_digits_vector_env"]

@@ -1,8 +1,9 @@
 """Denoising as a Gymnasium MDP (DDPO, Black et al. 2023, sec. 4.1).
 
 State s_k = (x_t, t, c) with t = schedule.timesteps[k]; action a_k = x_{t-1}; reward 0 until the last step,
-then r(x_0, c). The env owns the schedule, the context sampler and the reward, never the network: a policy
-reads `env.schedule` to form its Gaussian transition. `DenoisingEnv` is natively batched on torch tensors
+then r(D(x_0), c), where D decodes latents to images (the identity for pixel-space models). The env owns the
+schedule, the context sampler, the decoder and the reward, never the network: a policy reads `env.schedule`
+to form its Gaussian transition. `DenoisingEnv` is natively batched on torch tensors
 (on the policy's device); `SingleDenoisingEnv` is its one-sample numpy form for `gymnasium.utils.env_checker`.
 Stepping with a differentiable action keeps the autograd graph through to the reward (DRaFT).
 """
@@ -22,6 +23,7 @@ from envs.rewards import Reward, evaluate_reward
 from envs.schedule import DDIMSchedule
 
 ContextSampler = Callable[[int, torch.Generator], torch.Tensor]  # (n, generator) -> [n, *context_shape]
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # x_0 of the MDP (e.g. SD latents) -> images in [-1, 1]
 
 
 def no_context(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -40,6 +42,7 @@ class DenoisingEnv(gymnasium.vector.VectorEnv):
         context_sampler: ContextSampler = no_context,
         context_shape: tuple[int, ...] = (0,),
         device: str | torch.device = "cpu",
+        decoder: Decoder | None = None,
     ):
         self.num_envs = num_envs
         self.sample_shape = tuple(sample_shape)
@@ -47,6 +50,7 @@ class DenoisingEnv(gymnasium.vector.VectorEnv):
         self.schedule = schedule.to(self.device)
         self.reward = reward
         self.context_sampler = context_sampler
+        self.decoder = decoder  # None: the MDP's x_0 is the image itself (pixel-space DDPMs)
         unbounded = dict(low=-np.inf, high=np.inf, dtype=np.float32)
         self.single_observation_space = spaces.Dict(
             {
@@ -63,6 +67,10 @@ class DenoisingEnv(gymnasium.vector.VectorEnv):
     def _observation(self) -> dict[str, torch.Tensor]:
         timestep = self.schedule.timesteps[min(self._step_index, self.schedule.num_steps - 1)]
         return {"x_t": self.x_t, "timestep": timestep.expand(self.num_envs), "context": self.context}
+
+    def decode(self, x_0: torch.Tensor) -> torch.Tensor:
+        """The image the reward sees: x_0 itself, or its decoding (the VAE of a latent diffusion model)."""
+        return x_0 if self.decoder is None else self.decoder(x_0)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -85,7 +93,7 @@ class DenoisingEnv(gymnasium.vector.VectorEnv):
         reward = torch.zeros(self.num_envs, device=self.device)
         info = {}
         if done:
-            reward, finite = evaluate_reward(self.reward, self.x_t, self.context)
+            reward, finite = evaluate_reward(self.reward, self.decode(self.x_t), self.context)
             info = {"reward_finite": finite}
         terminated = torch.full((self.num_envs,), done, device=self.device)
         truncated = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
@@ -110,6 +118,10 @@ class SingleDenoisingEnv(gymnasium.Env):
             "timestep": np.int64(obs["timestep"][0].item()),
             "context": obs["context"][0].detach().cpu().numpy().astype(np.float32),
         }
+
+    def decode(self, x_0: torch.Tensor) -> torch.Tensor:
+        """The image the reward sees: x_0 itself, or its decoding (the VAE of a latent diffusion model)."""
+        return x_0 if self.decoder is None else self.decoder(x_0)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

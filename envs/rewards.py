@@ -25,6 +25,8 @@ class Reward:
     differentiable: bool  # whether gradients flow from the reward to the images (DRaFT, Adjoint Matching)
     # extra evaluation metrics on final samples, e.g. the fraction classified as the target digit
     describe: Callable[[torch.Tensor], dict[str, float]] = field(default=lambda images: {})
+    # the reward model's embedding of images ([B, D]), for diversity measures; None = the reward has none
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 REWARDS: dict[str, Callable[..., Reward]] = {}
@@ -42,6 +44,16 @@ def make_reward(name: str, device: str | torch.device = "cpu", **kwargs) -> Rewa
     if name not in REWARDS:
         raise KeyError(f"unknown reward {name!r}; registered rewards: {', '.join(sorted(REWARDS))}")
     return REWARDS[name](device=device, **kwargs)
+
+
+# keys of a reward config that say where the reward runs (rlft's reward actor), not what it computes
+PLACEMENT_KEYS = ("name", "remote", "remote_gpus", "remote_batch_size", "actor")
+
+
+def make_reward_from_config(reward_cfg: dict, device: str | torch.device = "cpu") -> Reward:
+    """The reward of a `reward:` config section ({"name": ..., factory kwargs..., placement keys...})."""
+    kwargs = {k: v for k, v in reward_cfg.items() if k not in PLACEMENT_KEYS}
+    return make_reward(reward_cfg["name"], device=device, **kwargs)
 
 
 def evaluate_reward(reward: Reward, images: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,4 +121,8 @@ def digit(device: str | torch.device = "cpu", target: int = 3) -> Reward:
             "confidence": probs.max(-1).values.mean().item(),  # high when samples still look like digits
         }
 
-    return Reward("digit", log_prob_target, True, describe)
+    @torch.no_grad()
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return classifier.features(images.float())  # [B, 128] penultimate embedding
+
+    return Reward("digit", log_prob_target, True, describe, features)

@@ -109,7 +109,8 @@ def _one_of(name: str, value, choices: tuple) -> None:
 def validate(cfg: DictConfig) -> None:
     """Impossible combinations, caught before Ray starts; each message names the values involved."""
     from algorithms import load_algorithm
-    from envs.rewards import make_reward
+    from envs.models import check_base_model
+    from envs.rewards import make_reward_from_config
 
     t, r, algo = cfg.trainer, cfg.ray, cfg.algo
     module = load_algorithm(algo.name)
@@ -137,10 +138,15 @@ def validate(cfg: DictConfig) -> None:
     if getattr(module, "REQUIRES_STOCHASTIC_SAMPLER", False):
         _require(cfg.env.eta > 0, f"algo={algo.name} needs log-probabilities of a stochastic sampler, but env.eta="
                  f"{cfg.env.eta}; use env.eta=1.0 (or any value in (0, 1])")  # fmt: skip
-    reward = make_reward(cfg.reward.name, **{k: v for k, v in cfg.reward.items() if k != "name"})
+    check_base_model(to_container(cfg.env))  # a missing base model stops the run here, before Ray starts
+    reward = make_reward_from_config(to_container(cfg.reward))  # loads reward models: missing ones stop it too
     if getattr(module, "REQUIRES_DIFFERENTIABLE_REWARD", False):
         _require(reward.differentiable, f"algo={algo.name} backpropagates through the reward, but reward="
                  f"{cfg.reward.name} is not differentiable; choose a differentiable reward such as reward=digit")
+        _require(not cfg.reward.remote, f"algo={algo.name} backpropagates through the reward, which a remote reward "
+                 "actor cannot do; set reward.remote=false")  # fmt: skip
+    _require(r.enabled or not cfg.reward.remote, "reward.remote=true runs the reward in a Ray actor; it needs "
+             "ray.enabled=true (or set reward.remote=false)")  # fmt: skip
     _one_of("trainer.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _one_of("policy.dtype", cfg.policy.dtype, ("fp32", "bf16"))
     _one_of("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))

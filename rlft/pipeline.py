@@ -100,6 +100,11 @@ def run_with_ray(cfg: dict, report: Report, run_dir: Path, checkpointer: Checkpo
     from ray.util.queue import Queue
 
     init_ray(cfg)
+    reward_server = None
+    if cfg["reward"].get("remote"):  # the reward model in its own actor, started before the actors that call it
+        from rlft.remote_reward import start_reward_server
+
+        cfg, reward_server = start_reward_server(cfg)
     actors = start_rollout_actors(cfg, worker_class)
     queue = Queue()
     r = cfg["ray"]
@@ -132,7 +137,7 @@ def run_with_ray(cfg: dict, report: Report, run_dir: Path, checkpointer: Checkpo
             break
         report(kind, payload)
     thread.join()
-    for actor in actors:
+    for actor in actors + ([reward_server] if reward_server else []):
         ray.kill(actor)
     if failure:
         raise failure[0]

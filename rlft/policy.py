@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -137,8 +136,11 @@ class DiffusionPolicy(nn.Module):
 
 
 def load_base_model(spec: str) -> tuple[nn.Module, dict]:
-    """Load a base DDPM as (UNet2DModel, scheduler config) from "builtin:digits", a folder or a hub id."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    """Load a base DDPM as (UNet2DModel, scheduler config) from "builtin:digits", a folder or a hub id.
+
+    Stable Diffusion bases (env.model_type=stable_diffusion) load by component in `rlft.stable_diffusion`.
+    """
+    from envs.models import load_ddpm
 
     if spec == "builtin:digits":
         from envs.digits import BASE_MODEL_DIR
@@ -149,16 +151,4 @@ def load_base_model(spec: str) -> tuple[nn.Module, dict]:
                 f"the shipped digits DDPM is missing from {path}; train it with `python -m rlft.pretrain env=digits`"
             )
         spec = str(path)
-    try:
-        unet = UNet2DModel.from_pretrained(spec, use_safetensors=True)
-        scheduler = DDPMScheduler.from_pretrained(spec)
-    except (OSError, ValueError) as error:
-        local = Path(spec).exists()
-        raise FileNotFoundError(
-            f"could not load the base model {spec!r} "
-            + ("from that folder" if local else "(not a local folder, and the Hugging Face Hub is unreachable or "
-               "the model is not in the HF cache)")
-            + ": give a folder holding config.json, diffusion_pytorch_model.safetensors and scheduler_config.json "
-            "with env.base_model=/path/to/model"
-        ) from error
-    return unet, dict(scheduler.config)
+    return load_ddpm(spec)

@@ -1,5 +1,8 @@
 """`python -m rlft.pretrain env=digits`: train the embedded default's base DDPM and digit classifier.
 
+`python -m rlft.pretrain pretrain.image_folder=DIR pretrain.out_dir=OUT` instead trains a base DDPM on your own
+images (rlft/pretrain_folder.py).
+
 Both train on the fixed training split of `envs.digits` (the rest stays held out for evaluations) and are
 written as safetensors into the package's assets, so `python -m rlft.run` needs no training and no network.
 """
@@ -98,6 +101,13 @@ def train_classifier(cfg: DictConfig, out_path: Path, device: torch.device) -> N
 
 def main(argv: list[str] | None = None) -> None:
     cfg = compose("pretrain", sys.argv[1:] if argv is None else argv)
+    if cfg.pretrain.image_folder:  # a base DDPM from the user's own images (rlft/pretrain_folder.py)
+        from rlft.pretrain_folder import train_folder_ddpm
+
+        if not cfg.pretrain.out_dir:
+            raise SystemExit("pretrain.image_folder needs pretrain.out_dir=/path/to/new/model (where the DDPM goes)")
+        train_folder_ddpm(cfg, Path(cfg.pretrain.out_dir), resolve_device(cfg.device))
+        return
     if cfg.env.name != "digits":
         raise SystemExit(f"rlft.pretrain trains the embedded digits models only; got env={cfg.env.name}")
     device = resolve_device(cfg.device)

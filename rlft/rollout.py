@@ -16,6 +16,7 @@ import torch
 from tensordict import TensorDict
 
 from algorithms import load_algorithm
+from envs.models import is_stable_diffusion
 from envs.tasks import make_env
 from rlft.policy import DiffusionPolicy, load_base_model
 
@@ -44,17 +45,27 @@ def set_torch_threads(cfg: dict, role: str) -> None:
 
 def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]:
     """The base model as a policy, plus a batched env of `rollout_batch_size` samples sharing its schedule."""
-    unet, scheduler_config = load_base_model(cfg["env"]["base_model"])
-    sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    env = make_env(
-        num_envs=cfg["trainer"]["rollout_batch_size"],
-        sample_shape=sample_shape,
-        scheduler_config=scheduler_config,
-        num_inference_steps=cfg["env"]["num_inference_steps"],
-        eta=cfg["env"]["eta"],
-        reward=cfg["reward"],
-        device=device,
-    )
+    reward = cfg["reward"]
+    if reward.get("remote"):  # scores come from the run's reward actor (rlft.remote_reward)
+        from rlft.remote_reward import remote_reward
+
+        reward = remote_reward(reward)
+    if is_stable_diffusion(cfg["env"]):  # the guided UNet2DConditionModel; prompts and the VAE live in the env
+        from rlft.stable_diffusion import build_sd_policy
+
+        unet, env = build_sd_policy(cfg, reward, device)
+    else:
+        unet, scheduler_config = load_base_model(cfg["env"]["base_model"])
+        sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        env = make_env(
+            num_envs=cfg["trainer"]["rollout_batch_size"],
+            sample_shape=sample_shape,
+            scheduler_config=scheduler_config,
+            num_inference_steps=cfg["env"]["num_inference_steps"],
+            eta=cfg["env"]["eta"],
+            reward=reward,
+            device=device,
+        )
     fast = cfg["policy"]
     policy = DiffusionPolicy(
         unet.to(device), env.schedule, autocast_dtype=NETWORK_DTYPES[fast["dtype"]], channels_last=fast["channels_last"]
@@ -133,7 +144,8 @@ class RolloutWorker:
     def evaluate(self, policy_version: int, seed: int, n: int) -> dict:
         """Final samples from fixed noise (`seed`), their rewards and the reward's own metrics."""
         batch = self.collect(policy_version, seed, n)
-        images = batch["latents"][:, -1]
+        with torch.no_grad():  # latent models decode x_0 to the images the reward saw
+            images = torch.cat([self.env.decode(x.to(self.device)).cpu() for x in batch["latents"][:, -1].split(8)])
         finite = batch["reward_finite"]
         metrics = {f"eval/{k}": v for k, v in self.env.reward.describe(images.to(self.device)).items()}
         metrics["eval/reward_mean"] = batch["reward"][finite].mean().item() if finite.any() else float("nan")

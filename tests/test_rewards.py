@@ -8,8 +8,8 @@ from envs.rewards import REWARDS, Reward, evaluate_reward, make_reward
 
 
 def test_registry_lists_the_rewards():
-    assert {"digit", "jpeg_compressibility", "jpeg_incompressibility"} <= set(REWARDS)
-    with pytest.raises(KeyError, match="unknown reward 'aesthetics'; registered rewards: digit"):
+    assert {"aesthetic", "digit", "jpeg_compressibility", "jpeg_incompressibility", "over50"} <= set(REWARDS)
+    with pytest.raises(KeyError, match="unknown reward .aesthetics.; registered rewards: aesthetic, digit"):
         make_reward("aesthetics")
 
 
