@@ -141,6 +141,8 @@ def validate(cfg: DictConfig) -> None:
     if getattr(module, "REQUIRES_DIFFERENTIABLE_REWARD", False):
         _require(reward.differentiable, f"algo={algo.name} backpropagates through the reward, but reward="
                  f"{cfg.reward.name} is not differentiable; choose a differentiable reward such as reward=digit")
+    for problem in getattr(module, "validate", lambda cfg: [])(cfg):  # the algorithm's own checks
+        raise ConfigError(problem)
     _one_of("trainer.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _one_of("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))
     _require(t.epochs >= 1 and cfg.eval.every >= 1, "trainer.epochs and eval.every must be at least 1")
