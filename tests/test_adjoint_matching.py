@@ -135,7 +135,7 @@ def test_stratified_steps_take_one_step_from_each_stratum():
 
 class GaussianToyNetwork(nn.Module):
     """The exact noise prediction of N(m, s^2) data under the DDPM forward process plus a learned correction
-    c(t) + d(t) x (a tiny MLP in t, zero at init; the optimal control of this linear-quadratic problem is affine in x).
+    c_t + d_t x per timestep t (zero at init; the optimal control of this linear-quadratic problem is affine in x).
     Exact part: E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab) m) / (ab s^2 + 1 - ab), ab = alpha-bar_t."""
 
     def __init__(self, alphas_cumprod: torch.Tensor, mean: float, std: float):
@@ -143,14 +143,13 @@ class GaussianToyNetwork(nn.Module):
         self.config = SimpleNamespace(cross_attention_dim=None)
         self.register_buffer("alphas_cumprod", alphas_cumprod.float())
         self.data_mean, self.data_std = mean, std
-        self.mlp = nn.Sequential(nn.Linear(1, 32), nn.SiLU(), nn.Linear(32, 2))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        self.correction = nn.Embedding(len(alphas_cumprod), 2)  # (c_t, d_t) for every training timestep
+        nn.init.zeros_(self.correction.weight)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> SimpleNamespace:
         ab = self.alphas_cumprod[timestep].unsqueeze(1)  # [B, 1]
         exact = (1 - ab).sqrt() * (x - ab.sqrt() * self.data_mean) / (ab * self.data_std**2 + 1 - ab)
-        offset, slope = self.mlp(timestep.unsqueeze(1) / 1000.0).chunk(2, dim=1)  # [B, 1] each
+        offset, slope = self.correction(timestep).chunk(2, dim=1)  # [B, 1] each
         return SimpleNamespace(sample=exact + offset + slope * x)
 
 
@@ -169,13 +168,56 @@ def sample_toy(policy: DiffusionPolicy, n: int, generator: torch.Generator) -> T
                        "policy_version": torch.zeros(n, dtype=torch.int64)}, batch_size=[n])  # fmt: skip
 
 
+def affine_steps(base: DiffusionPolicy) -> tuple[list[float], list[float], list[float]]:
+    """The base sampler of the toy is affine: x_{k+1} = A_k x_k + c_k + sigma_k xi. Returns (A, c, sigma^2)."""
+    slopes, offsets, variances = [], [], []
+    for k in range(base.schedule.num_steps):
+        at_zero, at_one = (am.guided_step(base, base.schedule, torch.tensor([[v]]), k, torch.zeros(1, 0)).mean.item()
+                           for v in (0.0, 1.0))  # fmt: skip
+        slopes.append(at_one - at_zero)
+        offsets.append(at_zero)
+        variances.append(base.schedule.std[k].item() ** 2)
+    return slopes, offsets, variances
+
+
+def discrete_am_fixed_point(base: DiffusionPolicy, lam: float, target: float) -> tuple[float, float]:
+    """(mean, variance) of x_0 under the exact fixed point of the discretised AM regression, r = -(x - y)^2 / 2.
+
+    The regression makes the fine-tuned mean f_k(x) = A_k x + c_k - sigma_k^2 E[a_{k+1} | x_k = x], and the lean
+    adjoint is a_{k+1} = lam P_{k+1} (x_0 - y), P_{k+1} the product of the base slopes after step k. With
+    E[x_0 | x_{k+1}] = M x_{k+1} + m under the fine-tuned chain, f = A x + c - sigma^2 lam P (M f + m - y), so
+    f = (A x + c - g (m - y)) / (1 + g M) with g = sigma^2 lam P: a backward recursion, then the forward moments.
+    """
+    slopes, offsets, variances = affine_steps(base)
+    num_steps = len(slopes)
+    fine_slopes, fine_offsets = [0.0] * num_steps, [0.0] * num_steps
+    to_final_slope, to_final_offset, base_product = 1.0, 0.0, 1.0
+    for k in reversed(range(num_steps)):
+        g = variances[k] * lam * base_product
+        fine_slopes[k] = slopes[k] / (1 + g * to_final_slope)
+        fine_offsets[k] = (offsets[k] - g * (to_final_offset - target)) / (1 + g * to_final_slope)
+        to_final_offset += to_final_slope * fine_offsets[k]
+        to_final_slope *= fine_slopes[k]
+        base_product *= slopes[k]
+    mean, var = 0.0, 1.0
+    for k in range(num_steps):
+        mean, var = fine_slopes[k] * mean + fine_offsets[k], fine_slopes[k] ** 2 * var + variances[k]
+    return mean, var
+
+
 def test_gaussian_toy_reaches_the_closed_form_tilted_gaussian():
-    """Data N(0, 1), r(x) = -(x - 2)^2 / 2, lambda = 1: the optimum samples N(mu_b, v_b) tilted by exp(lambda r),
-    where N(mu_b, v_b) is the base sampler's own final marginal (computed in closed form: every step is affine).
-    Tolerance: 0.08 on the mean (0 -> ~1) and 0.08 on the variance (1 -> ~0.5)."""
+    """Data N(0, 1), exact base model, r(x) = -(x - 2)^2 / 2, lambda = 1, 10 memoryless DDIM steps.
+
+    Oracle 1, the continuous-time optimum: the base sampler's own final marginal N(mu_b, v_b) (closed form: every
+    step is affine) tilted by exp(lambda r): v* = 1 / (1 / v_b + lambda), mu* = v* (mu_b / v_b + lambda y).
+    Tolerance: 0.04 on the mean and 0.07 on the variance, which covers the O(step) discretisation gap (the
+    controlled sampler keeps each step's noise sigma_k, where the exact tilt also narrows it; 0.036 at 10 steps).
+    Oracle 2, the exact fixed point of the discretised AM regression (`discrete_am_fixed_point`): 0.03 on both.
+    The base is far from both: mean 0 (vs ~0.71), variance ~0.55 (vs ~0.35-0.39).
+    """
     torch.manual_seed(0)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    schedule = DDIMSchedule.from_scheduler_config(dict(scheduler.config), 20, eta=1.0)
+    schedule = DDIMSchedule.from_scheduler_config(dict(scheduler.config), 10, eta=1.0)
     base = DiffusionPolicy(GaussianToyNetwork(scheduler.alphas_cumprod, 0.0, 1.0), schedule).requires_grad_(False)
     policy = copy.deepcopy(base).requires_grad_(True)
     target, lam = 2.0, 1.0
@@ -183,31 +225,29 @@ def test_gaussian_toy_reaches_the_closed_form_tilted_gaussian():
     def reward(x, context):
         return -0.5 * ((x - target) ** 2).sum(1)
 
-    # the base sampler's marginal: x_{k+1} = A_k x_k + c_k + sigma_k xi
-    mean, var = 0.0, 1.0
-    for k in range(schedule.num_steps):
-        at_zero, at_one = (am.guided_step(base, schedule, torch.tensor([[v]]), k, torch.zeros(1, 0)).mean.item()
-                           for v in (0.0, 1.0))  # fmt: skip
-        slope = at_one - at_zero
-        mean, var = slope * mean + at_zero, slope**2 * var + schedule.std[k].item() ** 2
-    tilted_var = 1 / (1 / var + lam)
-    tilted_mean = tilted_var * (mean / var + lam * target)
+    slopes, offsets, variances = affine_steps(base)
+    base_mean, base_var = 0.0, 1.0
+    for a, c, v in zip(slopes, offsets, variances, strict=True):
+        base_mean, base_var = a * base_mean + c, a**2 * base_var + v
+    tilted_var = 1 / (1 / base_var + lam)
+    tilted_mean = tilted_var * (base_mean / base_var + lam * target)
+    fixed_mean, fixed_var = discrete_am_fixed_point(base, lam, target)
 
-    cfg = am.Config(lr=3e-3, minibatch_size=128, reward_multiplier=lam, num_train_timesteps=19, passes_per_buffer=4)
-    buffer = TrajectoryBuffer(512, cfg.minibatch_size, max_staleness=0)
+    cfg = am.Config(lr=1e-2, minibatch_size=256, reward_multiplier=lam, num_train_timesteps=9, passes_per_buffer=4)
+    buffer = TrajectoryBuffer(1024, cfg.minibatch_size, max_staleness=0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(0)
     ctx = LearnerContext(policy, policy, optimizer, None, buffer, generator, torch.device("cpu"))
     state = am.make_state(cfg)
-    for epoch in range(40):
-        batch = am.add_lean_adjoints(sample_toy(policy, 512, generator), base, reward, cfg)
-        buffer.replace_contents(batch)
+    for _ in range(20):  # buffered AM: a fresh buffer of 1024 trajectories, 4 passes over it
+        buffer.replace_contents(am.add_lean_adjoints(sample_toy(policy, 1024, generator), base, reward, cfg))
         am.update(ctx, cfg, state)
     final = sample_toy(policy, 20000, generator)["latents"][:, -1, 0]
     base_final = sample_toy(base, 20000, generator)["latents"][:, -1, 0]
-    assert abs(base_final.mean().item() - mean) < 0.03 and abs(base_final.var().item() / var - 1) < 0.05
-    assert abs(final.mean().item() - tilted_mean) < 0.08, (final.mean().item(), tilted_mean)
-    assert abs(final.var().item() - tilted_var) < 0.08, (final.var().item(), tilted_var)
+    assert abs(base_final.mean().item() - base_mean) < 0.03 and abs(base_final.var().item() / base_var - 1) < 0.05
+    mean, var = final.mean().item(), final.var().item()
+    assert abs(mean - tilted_mean) < 0.04 and abs(var - tilted_var) < 0.07, (mean, var, tilted_mean, tilted_var)
+    assert abs(mean - fixed_mean) < 0.03 and abs(var - fixed_var) < 0.03, (mean, var, fixed_mean, fixed_var)
 
 
 # ---- the rollout-worker hook and the learner, on the tiny random DDPM ----
