@@ -173,9 +173,10 @@ def postprocess_rollout(worker, batch: TensorDict, cfg: dict) -> TensorDict:
     base = frozen_base(worker)
     finite = batch["reward_finite"]  # non-finite rewards have no gradient; the learner drops those rows
     shape = (len(batch), batch["latents"].shape[1] - 1, *batch["latents"].shape[2:])
-    adjoint, base_mean = torch.zeros(shape), torch.zeros(shape)  # [B, T, C, H, W] each
+    adjoint = torch.zeros(shape, device=batch.device)  # [B, T, C, H, W]
+    base_mean = torch.zeros(shape, device=batch.device)  # [B, T, C, H, W]
     if finite.any():
-        done = add_lean_adjoints(batch[finite].to(worker.device), base, worker.env.reward.fn, algo).cpu()
+        done = add_lean_adjoints(batch[finite].to(worker.device), base, worker.env.reward.fn, algo).to(batch.device)
         adjoint[finite], base_mean[finite] = done["adjoint"], done["base_mean"]
     batch["adjoint"], batch["base_mean"] = adjoint, base_mean
     return batch

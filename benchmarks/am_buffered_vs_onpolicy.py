@@ -47,7 +47,7 @@ def run_variant(name: str, passes: int, args) -> dict:
         point = {"epoch": epoch, "samples": samples, "trained_s": trained_s,
                  "network_evals": rollout_evals + learner.state.train_network_evals, **metrics}  # fmt: skip
         curve.append(point)
-        print(f"  {name:>10} epoch {epoch:4d}  {trained_s:7.1f} s  target_fraction {metrics['eval/target_fraction']:.3f}"
+        print(f"  {name:>10} epoch {epoch:4d} {trained_s:7.1f} s target_fraction {metrics['eval/target_fraction']:.3f}"
               f"  confidence {metrics['eval/confidence']:.3f}", flush=True)
         return point
 
@@ -55,8 +55,8 @@ def run_variant(name: str, passes: int, args) -> dict:
     evaluate()
     while samples < args.max_samples:
         start = time.perf_counter()
-        batches = [(f"e{epoch}", worker.collect(learner.policy_version, derive_seed(args.seed, 3, epoch), args.samples_per_epoch))]
-        metrics = learner.ingest(batches)
+        seed = derive_seed(args.seed, 3, epoch)
+        metrics = learner.ingest([(f"e{epoch}", worker.collect(learner.policy_version, seed, args.samples_per_epoch))])
         metrics.update(learner.update())
         worker.set_weights(learner.policy.trainable_state_dict(), learner.policy_version)
         trained_s += time.perf_counter() - start
@@ -87,9 +87,8 @@ def main() -> None:
 
     results = [run_variant("buffered", args.buffered_passes, args), run_variant("on-policy", 1, args)]
     print(f"\nAM on digits to eval/target_fraction >= {args.target_fraction} ({args.device}, {args.threads} threads)")
-    header = f"{'variant':>10} {'passes':>6} {'reached':>7} {'epochs':>6} {'samples':>7} {'wall s':>8} {'net evals':>10} " \
-             f"{'target frac':>11} {'confidence':>10}"
-    print(header)
+    print(f"{'variant':>10} {'passes':>6} {'reached':>7} {'epochs':>6} {'samples':>7} {'wall s':>8} {'net evals':>10} "
+          f"{'target frac':>11} {'confidence':>10}")
     for r in results:
         p = r["reached"] or r["final"]
         print(f"{r['variant']:>10} {r['passes_per_buffer']:>6} {str(r['reached'] is not None):>7} {p['epoch']:>6} "
