@@ -147,6 +147,8 @@ def validate(cfg: DictConfig) -> None:
                  "actor cannot do; set reward.remote=false")  # fmt: skip
     _require(r.enabled or not cfg.reward.remote, "reward.remote=true runs the reward in a Ray actor; it needs "
              "ray.enabled=true (or set reward.remote=false)")  # fmt: skip
+    for problem in getattr(module, "validate", lambda cfg: [])(cfg):  # the algorithm's own checks
+        raise ConfigError(problem)
     _one_of("trainer.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _one_of("policy.dtype", cfg.policy.dtype, ("fp32", "bf16"))
     _one_of("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))

@@ -81,11 +81,14 @@ class RolloutWorker:
         self.device = torch.device(cfg["device"] if cfg["device"] != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
         self.worker_index = worker_index
+        self.cfg = cfg
         self.policy, self.env = build_policy(cfg, self.device)
         self.policy.eval().requires_grad_(False)
         self.policy_version = 0
         algorithm = load_algorithm(cfg["algo"]["name"])
         self.record_noise = "noise" in getattr(algorithm, "ROLLOUT_KEYS", ())
+        # optional algorithm hook on each rollout batch, e.g. adjoint_matching's lean adjoints
+        self.postprocess = getattr(algorithm, "postprocess_rollout", None)
 
     def set_weights(self, weights: dict[str, torch.Tensor], policy_version: int) -> None:
         self.policy.load_trainable_state_dict(weights)
@@ -127,8 +130,11 @@ class RolloutWorker:
             batch_size=[n],
         )
 
-    def collect(self, policy_version: int, seed: int, n: int, published: Published | None = None) -> TensorDict:
-        """`n` trajectories (a multiple of the env batch) from the policy of `policy_version`, on CPU.
+    def collect(
+        self, policy_version: int, seed: int, n: int, published: Published | None = None, postprocess: bool = True
+    ) -> TensorDict:
+        """`n` trajectories (a multiple of the env batch) from the policy of `policy_version`, on CPU; the
+        algorithm's `postprocess_rollout(worker, batch, cfg)` runs on each chunk unless `postprocess` is false.
 
         `published` is where the current weights can be fetched: a worker restarted after a crash (which
         comes back with the base weights) loads them before it collects, so a retried call gives the same batch.
@@ -139,11 +145,13 @@ class RolloutWorker:
         if n % self.env.num_envs:
             raise ValueError(f"collect(n={n}) must be a multiple of the rollout batch size {self.env.num_envs}")
         chunks = [self._rollout(derive_seed(seed, chunk)) for chunk in range(n // self.env.num_envs)]
+        if postprocess and self.postprocess is not None:
+            chunks = [self.postprocess(self, chunk, self.cfg) for chunk in chunks]
         return torch.cat(chunks).to("cpu")
 
     def evaluate(self, policy_version: int, seed: int, n: int) -> dict:
         """Final samples from fixed noise (`seed`), their rewards and the reward's own metrics."""
-        batch = self.collect(policy_version, seed, n)
+        batch = self.collect(policy_version, seed, n, postprocess=False)
         with torch.no_grad():  # latent models decode x_0 to the images the reward saw
             images = torch.cat([self.env.decode(x.to(self.device)).cpu() for x in batch["latents"][:, -1].split(8)])
         finite = batch["reward_finite"]
