@@ -268,7 +268,7 @@ def init_ray(sweep: dict) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
 
 
-def run_sweep(sweep: dict):
+def run_sweep(sweep: dict, scheduler):
     """Start the sweep, or resume it when its folder holds an interrupted one; returns Tune's ResultGrid."""
     from ray import tune
 
@@ -283,13 +283,12 @@ def run_sweep(sweep: dict):
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True)
     else:
         print(f"rlft.tune: sweep folder {sweep_dir}", flush=True)
-        epochs = compose("config", [*TRIAL_DEFAULTS, *sweep["overrides"]]).trainer.epochs
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(sweep),
             tune_config=tune.TuneConfig(
                 metric=sweep["metric"], mode=sweep["mode"], num_samples=sweep["num_samples"],
-                scheduler=make_scheduler(sweep, epochs), max_concurrent_trials=sweep["max_concurrent_trials"],
+                scheduler=scheduler, max_concurrent_trials=sweep["max_concurrent_trials"],
             ),
             run_config=tune.RunConfig(name=sweep["name"], storage_path=str(sweep_dir.parent), verbose=1),
         )  # fmt: skip
@@ -346,10 +345,11 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         sweep = load_sweep(args[0], args[1:])
         check_sweep(sweep)
+        scheduler = make_scheduler(sweep, compose("config", [*TRIAL_DEFAULTS, *sweep["overrides"]]).trainer.epochs)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as error:
         raise SystemExit(f"rlft.tune: {error}") from None
     init_ray(sweep)
-    result_grid, sweep_dir = run_sweep(sweep)
+    result_grid, sweep_dir = run_sweep(sweep, scheduler)
     table = results_table(result_grid, sweep)
     best = write_results(table, sweep, sweep_dir)
     print(table.to_string(index=False), flush=True)
