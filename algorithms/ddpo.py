@@ -125,7 +125,7 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: DDPOConfig) -> dict[
     order = order[:, :num_train_steps].to(batch.device)  # [B, num_train_steps]
     rows = torch.arange(num_trajectories, device=batch.device)
     ctx.optimizer.zero_grad(set_to_none=True)
-    totals: dict[str, float] = defaultdict(float)
+    totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=batch.device))
     for j in range(num_train_steps):
         step_index = order[:, j]  # [B]
         out = policy.step(
@@ -137,13 +137,12 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: DDPOConfig) -> dict[
         )
         loss, info = ddpo_loss(out.log_prob, batch["log_prob"][rows, step_index], batch["advantage"], cfg.clip_range)
         (loss / num_train_steps).backward()
-        totals["loss/policy"] += loss.item() / num_train_steps
+        totals["loss/policy"] += loss.detach() / num_train_steps
         for key, value in info.items():
-            totals[f"ddpo/{key}"] += value.item() / num_train_steps
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            totals[f"ddpo/{key}"] += value / num_train_steps
+    totals["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
     ctx.optimizer.step()
-    totals["train/grad_norm"] = grad_norm.item()
-    return dict(totals)
+    return {key: value.item() for key, value in totals.items()}  # one host sync per optimizer step
 
 
 # ---- the learner-side interface (see algorithms/__init__.py) ----

@@ -83,3 +83,23 @@ class TrajectoryBuffer:
     def minibatches(self) -> Iterator[TensorDict]:
         """One pass over everything stored, reshuffled, in minibatches (the last one may be smaller)."""
         yield from self._buffer
+
+    # ---- checkpointing: everything a resumed run needs to draw the same minibatches ----
+    def state_dict(self) -> dict:
+        """Stored trajectories (storage order), writer cursor, sampler permutation, seen uids and stats."""
+        return {
+            "contents": self.contents().to_dict() if len(self) else None,
+            "size": len(self),
+            "writer": self._buffer._writer.state_dict(),
+            "sampler": dict(self._buffer._sampler.state_dict()),
+            "seen": list(self._seen),
+            "stats": dict(self.stats),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        contents = state["contents"]
+        self.replace_contents(TensorDict(contents, batch_size=[state["size"]]) if contents else TensorDict({}, [0]))
+        self._buffer._writer.load_state_dict(state["writer"])
+        self._buffer._sampler.load_state_dict(state["sampler"])
+        self._seen = OrderedDict.fromkeys(state["seen"])
+        self.stats = dict(state["stats"])

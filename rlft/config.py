@@ -142,6 +142,7 @@ def validate(cfg: DictConfig) -> None:
         _require(reward.differentiable, f"algo={algo.name} backpropagates through the reward, but reward="
                  f"{cfg.reward.name} is not differentiable; choose a differentiable reward such as reward=digit")
     _one_of("trainer.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    _one_of("policy.dtype", cfg.policy.dtype, ("fp32", "bf16"))
     _one_of("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))
     _require(t.epochs >= 1 and cfg.eval.every >= 1, "trainer.epochs and eval.every must be at least 1")
     if cfg.device.startswith("cuda") and r.enabled:

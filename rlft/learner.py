@@ -7,7 +7,9 @@ publish the new weights with a new policy version, evaluate on fixed seeds every
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -17,9 +19,10 @@ from tensordict import TensorDict
 
 from algorithms import LearnerContext, load_algorithm, make_config
 from rlft.buffer import TrajectoryBuffer
+from rlft.checkpoint import Checkpointer
 from rlft.rollout import RolloutGroup, build_policy, derive_seed, set_torch_threads
 
-Report = Callable[[str, dict], None]  # (kind, payload): kind is "metrics", "eval" or "weights"
+Report = Callable[[str, dict], None]  # (kind, payload): "metrics", "eval", "weights", "replica" or "start"
 
 
 def lr_factor(cfg: dict, epoch: int) -> float:
@@ -37,7 +40,7 @@ class Learner:
     """One learner replica: the policy being trained, its optimizer, its buffer shard and the algorithm."""
 
     def __init__(self, cfg: dict, device: torch.device, rank: int = 0, world_size: int = 1):
-        set_torch_threads(cfg)
+        set_torch_threads(cfg, "learner")
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         self.algorithm = load_algorithm(cfg["algo"]["name"])
         self.algo = make_config(self.algorithm, cfg["algo"])
@@ -111,6 +114,19 @@ def reward_metrics(rewards: torch.Tensor) -> dict[str, float]:
     }
 
 
+def replica_summary(learner: Learner, epoch: int, batches: list[tuple[str, TensorDict]]) -> dict:
+    """What each replica consumed and holds, for checking DDP replicas against each other (replicas.jsonl)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(learner.policy.trainable_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().numpy().tobytes())
+    return {
+        "epoch": epoch, "rank": learner.rank, "pid": os.getpid(), "policy_version": learner.policy_version,
+        "weights_sha256": digest.hexdigest(), "uids": [uid for uid, _ in batches],
+        "buffer": dict(learner.buffer.stats) if learner.buffer is not None else {},
+    }  # fmt: skip
+
+
 def mean_over_replicas(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return metrics
@@ -121,11 +137,18 @@ def mean_over_replicas(metrics: dict[str, float], device: torch.device) -> dict[
 
 
 def train(cfg: dict, rollouts: RolloutGroup, report: Report, device: torch.device, rank: int = 0,
-          world_size: int = 1) -> None:  # fmt: skip
-    """The whole run for one learner replica; only rank 0 evaluates and reports."""
+          world_size: int = 1, checkpointer: Checkpointer | None = None) -> None:  # fmt: skip
+    """The whole run for one learner replica; only rank 0 evaluates and reports (besides each replica's summary).
+
+    With a `checkpointer`, the loop starts from the run's newest valid checkpoint (a resumed run, or Ray Train
+    restarting failed learners) and writes one every `trainer.checkpoint_every` epochs and after the last.
+    """
     learner = Learner(cfg, device, rank, world_size)
     trainer, evaluation = cfg["trainer"], cfg["eval"]
     samples = trainer["samples_per_epoch"] // world_size
+    start_epoch = checkpointer.restore(learner) if checkpointer else 0
+    if checkpointer and rank == 0:  # also after Ray Train restarted failed learners: drop what came after it
+        report("start", {"epoch": start_epoch, "policy_version": learner.policy_version})
     rollouts.publish(learner.policy.trainable_state_dict(), learner.policy_version)
 
     def evaluate(epoch: int) -> None:
@@ -133,13 +156,15 @@ def train(cfg: dict, rollouts: RolloutGroup, report: Report, device: torch.devic
             result = rollouts.evaluate(learner.policy_version, evaluation["seed"], evaluation["num_samples"])
             report("eval", {"epoch": epoch, **result})
 
-    evaluate(0)
-    for epoch in range(trainer["epochs"]):
+    if start_epoch == 0:
+        evaluate(0)
+    for epoch in range(start_epoch, trainer["epochs"]):
         start = time.perf_counter()
-        metrics = {}
+        metrics, batches = {}, []
         if learner.algorithm.USES_ROLLOUTS:
             seed = derive_seed(cfg["seed"], 3, epoch, rank)
-            metrics = learner.ingest(rollouts.collect(learner.policy_version, seed, samples))
+            batches = rollouts.collect(learner.policy_version, seed, samples)
+            metrics = learner.ingest(batches)
         collected = time.perf_counter()
         metrics.update(learner.update())
         rollouts.publish(learner.policy.trainable_state_dict(), learner.policy_version)
@@ -153,7 +178,10 @@ def train(cfg: dict, rollouts: RolloutGroup, report: Report, device: torch.devic
         metrics = mean_over_replicas(metrics, device)
         if rank == 0:
             report("metrics", {"epoch": epoch + 1, "policy_version": learner.policy_version, **metrics})
+        report("replica", replica_summary(learner, epoch + 1, batches))
         if (epoch + 1) % evaluation["every"] == 0 or epoch + 1 == trainer["epochs"]:
             evaluate(epoch + 1)
+        if checkpointer and checkpointer.due(epoch + 1, trainer["epochs"]):
+            checkpointer.save(learner, epoch + 1)
     if rank == 0:
         report("weights", {"weights": learner.policy.trainable_state_dict(), "policy_version": learner.policy_version})

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 import torch
 
+from rlft.checkpoint import Checkpointer
 from rlft.config import resolve_device
 from rlft.learner import Report, train
 from rlft.rollout import RolloutGroup, RolloutWorker, local_call
@@ -30,11 +31,17 @@ from rlft.rollout import RolloutGroup, RolloutWorker, local_call
 WORKER_ENV = {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}
 
 
+def quiet_worker_logs() -> None:
+    """Runs in every Ray worker: without the dashboard (off here) Ray Train's placement-group cleaner cannot use
+    the state API and warns about it every few seconds; that warning says nothing about the run."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def init_ray(cfg: dict) -> None:
     """Join `ray.address` or $RAY_ADDRESS if given, else start a local Ray with the dashboard off."""
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": WORKER_ENV}
+    runtime_env = {"env_vars": WORKER_ENV, "worker_process_setup_hook": "rlft.pipeline.quiet_worker_logs"}
     address = cfg["ray"]["address"] or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
@@ -53,11 +60,19 @@ def ray_call(calls: list[tuple[Any, str, tuple]]) -> list[Any]:
     return ray.get(futures)
 
 
-def start_rollout_actors(cfg: dict) -> list[Any]:
+def share_weights(weights: dict) -> list:
+    """Weights into the object store once; the list keeps Ray from resolving the reference in task arguments."""
+    return [ray.put(weights)]
+
+
+def start_rollout_actors(cfg: dict, worker_class: type = RolloutWorker) -> list[Any]:
+    """Rollout actors; a crashed one is restarted and its unfinished call retried (it then fetches the weights)."""
     r = cfg["ray"]
+    restarts = r["max_rollout_restarts"]
     actor_class = ray.remote(
-        num_cpus=r["cpus_per_rollout_worker"], num_gpus=r["gpus_per_rollout_worker"], max_restarts=0
-    )(RolloutWorker)
+        num_cpus=r["cpus_per_rollout_worker"], num_gpus=r["gpus_per_rollout_worker"], max_restarts=restarts,
+        max_task_retries=restarts,
+    )(worker_class)
     return [actor_class.remote(cfg, i) for i in range(r["num_rollout_workers"])]
 
 
@@ -70,29 +85,34 @@ def _learner_loop(config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     cfg, actors, queue = config["cfg"], config["actors"], config["queue"]
     per_learner = len(actors) // world_size
-    rollouts = RolloutGroup(actors[rank * per_learner : (rank + 1) * per_learner], ray_call)
+    rollouts = RolloutGroup(actors[rank * per_learner : (rank + 1) * per_learner], ray_call, share_weights)
     device = ray.train.torch.get_device() if cfg["ray"]["gpus_per_learner"] else torch.device("cpu")
-    train(cfg, rollouts, lambda kind, payload: queue.put((kind, payload)), device, rank, world_size)
+    train(cfg, rollouts, lambda kind, payload: queue.put((kind, payload)), device, rank, world_size,
+          config.get("checkpointer"))  # fmt: skip
 
 
-def run_with_ray(cfg: dict, report: Report, run_dir: Path) -> None:
-    from ray.train import RunConfig, ScalingConfig
+def run_with_ray(cfg: dict, report: Report, run_dir: Path, checkpointer: Checkpointer | None = None,
+                 worker_class: type = RolloutWorker) -> None:  # fmt: skip
+    """Learners in Ray Train; when one dies, Ray Train restarts the group (up to ray.max_learner_failures times)
+    and every replica resumes from the newest checkpoint."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
     init_ray(cfg)
-    actors = start_rollout_actors(cfg)
+    actors = start_rollout_actors(cfg, worker_class)
     queue = Queue()
     r = cfg["ray"]
     use_gpu = bool(r["gpus_per_learner"])
     trainer = TorchTrainer(
         _learner_loop,
-        train_loop_config={"cfg": cfg, "actors": actors, "queue": queue},
+        train_loop_config={"cfg": cfg, "actors": actors, "queue": queue, "checkpointer": checkpointer},
         scaling_config=ScalingConfig(
             num_workers=r["num_learners"], use_gpu=use_gpu,
             resources_per_worker={"CPU": 1, **({"GPU": r["gpus_per_learner"]} if use_gpu else {})},
         ),
-        run_config=RunConfig(name="learners", storage_path=str((run_dir / "ray").resolve())),
+        run_config=RunConfig(name="learners", storage_path=str((run_dir / "ray").resolve()),
+                             failure_config=FailureConfig(max_failures=r["max_learner_failures"])),
     )  # fmt: skip
     failure: list[BaseException] = []
 
@@ -118,7 +138,7 @@ def run_with_ray(cfg: dict, report: Report, run_dir: Path) -> None:
         raise failure[0]
 
 
-def run_local(cfg: dict, report: Report) -> None:
+def run_local(cfg: dict, report: Report, checkpointer: Checkpointer | None = None) -> None:
     """The same loop in this process, no Ray: rollout workers as plain objects, one learner."""
     workers = [RolloutWorker(cfg, i) for i in range(cfg["ray"]["num_rollout_workers"])]
-    train(cfg, RolloutGroup(workers, local_call), report, resolve_device(cfg["device"]))
+    train(cfg, RolloutGroup(workers, local_call), report, resolve_device(cfg["device"]), checkpointer=checkpointer)

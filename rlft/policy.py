@@ -76,18 +76,32 @@ class DiffusionPolicy(nn.Module):
     `forward` is the network call only, so DDP can wrap the policy; `step` is forward + `ddim_step`.
     """
 
-    def __init__(self, unet: nn.Module, schedule: DDIMSchedule, autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        unet: nn.Module,
+        schedule: DDIMSchedule,
+        autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.unet = unet
         self.schedule = schedule
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = autocast_dtype  # bf16 autocast for the network; the step maths stays fp32
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:  # NHWC: cuDNN's fast convolution layout for bf16 on tensor cores
+            self.unet.to(memory_format=torch.channels_last)
         self.conditional = hasattr(unet.config, "cross_attention_dim") and unet.config.cross_attention_dim
+
+    def compile_network(self) -> None:
+        """torch.compile the network in place (parameter names unchanged, so weights still publish as before)."""
+        self.unet.compile(dynamic=False)
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
     def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x_t = x_t.contiguous(memory_format=self.memory_format)
         with torch.autocast(x_t.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
             if self.conditional:
                 return self.unet(x_t, timestep, encoder_hidden_states=context).sample

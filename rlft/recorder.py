@@ -6,6 +6,8 @@
     <run_dir>/reward_curve.png          training reward and evaluation metrics against epochs
     <run_dir>/final/policy.safetensors  the trainable weights at the end (all weights, or LoRA adapters)
     <run_dir>/wandb/                    the wandb run (offline unless logging.wandb=online)
+    <run_dir>/replicas.jsonl            per learner replica and epoch: weights checksum, batch uids, buffer stats
+    <run_dir>/checkpoints/              atomic checkpoints (rlft/checkpoint.py)
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def image_grid(images: torch.Tensor, columns: int = 8) -> PIL.Image.Image:  # no
 
 
 class Recorder:
-    def __init__(self, run_dir: Path, cfg, total_epochs: int):
+    def __init__(self, run_dir: Path, cfg, total_epochs: int, wandb_run_id: str | None = None):
         self.run_dir = Path(run_dir)
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -54,7 +56,7 @@ class Recorder:
             self.wandb = wandb.init(
                 project=cfg.logging.wandb_project, dir=str(self.run_dir), mode=cfg.logging.wandb,
                 config=OmegaConf.to_container(cfg, resolve=True), name=cfg.logging.wandb_name or self.run_dir.name,
-                group=cfg.logging.wandb_group,
+                group=cfg.logging.wandb_group, id=wandb_run_id, resume="allow" if wandb_run_id else None,
             )  # fmt: skip
         self.bar = tqdm(total=total_epochs, desc="rlft", unit="epoch", disable=not cfg.logging.progress)
 
@@ -86,6 +88,26 @@ class Recorder:
             self.wandb.log({**result["metrics"], "eval/samples": wandb.Image(grid)}, step=epoch)
         summary = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in result["metrics"].items())
         self.bar.write(f"eval @ epoch {epoch}: {summary}  -> {path.relative_to(self.run_dir.parent)}")
+
+    def on_start(self, payload: dict) -> None:
+        """The learners (re)start after epoch E: keep what was recorded up to E (its eval included), drop the rest."""
+        epoch = payload["epoch"]
+        self.metrics_file.close()
+        path = self.run_dir / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if epoch and json.loads(line)["epoch"] <= epoch]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self.metrics_file = open(path, "a")  # noqa: SIM115 (open for the run)
+        records = [json.loads(line) for line in kept]
+        self.history = [r for r in records if "policy_version" in r]
+        self.evals = [r for r in records if "policy_version" not in r]
+        self.bar.reset()
+        self.bar.update(epoch)
+
+    def on_replica(self, summary: dict) -> None:
+        with open(self.run_dir / "replicas.jsonl", "a") as f:
+            f.write(json.dumps(summary) + "\n")
 
     def on_weights(self, payload: dict) -> None:
         from safetensors.torch import save_file

@@ -8,6 +8,7 @@ version), so a retried call reproduces the same trajectories and the same batch 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,20 +19,27 @@ from algorithms import load_algorithm
 from envs.tasks import make_env
 from rlft.policy import DiffusionPolicy, load_base_model
 
+NETWORK_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # policy.dtype -> autocast dtype (None: plain fp32)
+
 
 def derive_seed(*keys: int) -> int:
     """A stable 63-bit seed from integer keys (run seed, epoch, worker, chunk...)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def set_torch_threads(cfg: dict) -> None:
-    threads = cfg["ray"]["torch_threads"]
-    if threads:
-        torch.set_num_threads(int(threads))
-    else:
-        import os
+def set_torch_threads(cfg: dict, role: str) -> None:
+    """Threads for a "rollout" or "learner" process: `ray.<role>_threads`, else this node's cores shared by the
+    processes of that role, which work at the same time (rollout workers collect together, then learners update
+    together). Small convolutions scale poorly over threads, so two 1-thread actors beat one 2-thread process."""
+    import os
 
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    r = cfg["ray"]
+    threads = r[f"{role}_threads"]
+    if not threads:
+        cores = len(os.sched_getaffinity(0))
+        sharing = (r["num_rollout_workers"] if role == "rollout" else r["num_learners"]) if r["enabled"] else 1
+        threads = max(1, cores // sharing)
+    torch.set_num_threads(int(threads))
 
 
 def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]:
@@ -47,12 +55,18 @@ def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]
         reward=cfg["reward"],
         device=device,
     )
-    return DiffusionPolicy(unet.to(device), env.schedule), env
+    fast = cfg["policy"]
+    policy = DiffusionPolicy(
+        unet.to(device), env.schedule, autocast_dtype=NETWORK_DTYPES[fast["dtype"]], channels_last=fast["channels_last"]
+    )
+    if fast["compile"]:
+        policy.compile_network()
+    return policy, env
 
 
 class RolloutWorker:
     def __init__(self, cfg: dict, worker_index: int = 0):
-        set_torch_threads(cfg)
+        set_torch_threads(cfg, "rollout")
         self.device = torch.device(cfg["device"] if cfg["device"] != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
         self.worker_index = worker_index
@@ -102,8 +116,14 @@ class RolloutWorker:
             batch_size=[n],
         )
 
-    def collect(self, policy_version: int, seed: int, n: int) -> TensorDict:
-        """`n` trajectories (a multiple of the env batch) from the policy of `policy_version`, on CPU."""
+    def collect(self, policy_version: int, seed: int, n: int, published: Published | None = None) -> TensorDict:
+        """`n` trajectories (a multiple of the env batch) from the policy of `policy_version`, on CPU.
+
+        `published` is where the current weights can be fetched: a worker restarted after a crash (which
+        comes back with the base weights) loads them before it collects, so a retried call gives the same batch.
+        """
+        if published is not None and self.policy_version != policy_version == published.policy_version:
+            self.set_weights(published.fetch(), policy_version)
         self._check_version(policy_version)
         if n % self.env.num_envs:
             raise ValueError(f"collect(n={n}) must be a multiple of the rollout batch size {self.env.num_envs}")
@@ -120,6 +140,22 @@ class RolloutWorker:
         return {"images": images, "reward": batch["reward"], "metrics": metrics}
 
 
+@dataclass
+class Published:
+    """The latest published weights, by reference: the dict itself in one process, a Ray ObjectRef in a list
+    (so Ray passes the reference, not the weights, and only a worker that lacks them fetches them)."""
+
+    policy_version: int
+    weights: dict | list
+
+    def fetch(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.weights, dict):
+            return self.weights
+        import ray
+
+        return ray.get(self.weights[0])
+
+
 Call = Callable[[list[tuple[Any, str, tuple]]], list[Any]]  # [(worker, method, args)] -> results, in order
 
 
@@ -130,19 +166,24 @@ def local_call(calls: list[tuple[Any, str, tuple]]) -> list[Any]:
 class RolloutGroup:
     """The rollout workers one learner feeds from, behind one calling convention (in-process or Ray)."""
 
-    def __init__(self, workers: list[Any], call: Call = local_call):
-        self.workers, self.call = workers, call
+    def __init__(self, workers: list[Any], call: Call = local_call, share: Callable[[dict], Any] = lambda w: w):
+        self.workers, self.call, self.share = workers, call, share  # share: weights -> what `Published` holds
+        self.published: Published | None = None
 
     def collect(self, policy_version: int, seed: int, n: int) -> list[tuple[str, TensorDict]]:
         """`n` trajectories split evenly over the workers; each batch comes with its uid."""
         per_worker = n // len(self.workers)
         seeds = [derive_seed(seed, i) for i in range(len(self.workers))]
-        calls = [(w, "collect", (policy_version, s, per_worker)) for w, s in zip(self.workers, seeds, strict=True)]
+        calls = [(w, "collect", (policy_version, s, per_worker, self.published))
+                 for w, s in zip(self.workers, seeds, strict=True)]  # fmt: skip
         results = self.call(calls)
         return [(f"v{policy_version}-s{s}-n{per_worker}", batch) for s, batch in zip(seeds, results, strict=True)]
 
     def publish(self, weights: dict[str, torch.Tensor], policy_version: int) -> None:
-        self.call([(w, "set_weights", (weights, policy_version)) for w in self.workers])
+        stored = self.share(weights)
+        self.published = Published(policy_version, stored)
+        weights_arg = stored if isinstance(stored, dict) else stored[0]  # Ray resolves an ObjectRef argument
+        self.call([(w, "set_weights", (weights_arg, policy_version)) for w in self.workers])
 
     def evaluate(self, policy_version: int, seed: int, n: int) -> dict:
         return self.call([(self.workers[0], "evaluate", (policy_version, seed, n))])[0]

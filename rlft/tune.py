@@ -25,7 +25,8 @@ Each trial runs `rlft.run.run` (the code path of `python -m rlft.run`) with its 
 epoch: that epoch's training metrics plus the latest evaluation's `eval/...` metrics (`eval/epoch` says which).
 At the end the results table is printed and saved as results.csv and results.json, and the best trial's config
 as best_config.yaml (with the `python -m rlft.run` command that reproduces it). Rerunning a sweep whose folder
-exists resumes it with `Tuner.restore`: finished trials are kept, unfinished ones run again from their start.
+exists resumes it with `Tuner.restore`: finished trials are kept, and each unfinished one continues its run from
+the newest checkpoint in its run folder (`resume=<run folder>`; trainer.checkpoint_every sets how often).
 """
 
 from __future__ import annotations
@@ -227,10 +228,13 @@ def run_trial(params: dict, overrides: list[str], sweep_name: str, metric: str) 
 
     context = tune.get_context()
     run_dir = Path(context.get_storage().trial_fs_path) / "run"  # in the sweep folder, next to Tune's records
-    if run_dir.exists():  # an interrupted attempt (a restored sweep): the trial starts again from its beginning
+    resume = []
+    if (run_dir / "config.yaml").exists():  # an interrupted attempt (a restored sweep): continue its run from
+        resume = [f"resume='{run_dir}'"]  # the newest checkpoint (from its first epoch when it has none)
+    elif run_dir.exists():  # killed before its run folder was written: start it afresh
         shutil.rmtree(run_dir)
     cfg = compose("config", [
-        *trial_overrides(overrides, params), f"logging.run_dir='{run_dir}'",  # quoted: trial folders hold = and ,
+        *trial_overrides(overrides, params), f"logging.run_dir='{run_dir}'", *resume,  # quoted: folders hold = and ,
         f"logging.wandb_group={sweep_name}", f"logging.wandb_name={sweep_name}-{context.get_trial_id()}",
     ])  # fmt: skip
     validate(cfg)
@@ -246,8 +250,8 @@ def make_scheduler(sweep: dict, epochs: int):
     options = {k: v for k, v in sweep["scheduler"].items() if k != "name"}
     if sweep["scheduler"]["name"] == "fifo":
         return FIFOScheduler()
-    options = {"time_attr": "training_iteration", "max_t": epochs, "grace_period": 1, "reduction_factor": 2,
-               **options}  # fmt: skip
+    # time in epochs, not Tune's report count: a trial resumed from a checkpoint first reports its next epoch
+    options = {"time_attr": "epoch", "max_t": epochs, "grace_period": 1, "reduction_factor": 2, **options}
     try:
         return ASHAScheduler(**options)
     except (TypeError, ValueError) as error:

@@ -21,7 +21,8 @@ from tests.sandbox import REPO, VENV_BIN, run_in_sandbox, unshare_problem
 
 CLUSTER_YAMLS = sorted((REPO / "cluster").glob("*.yaml"))
 TINY = ["env.num_inference_steps=4", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16",
-        "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=1", "trainer.epochs=1", "ray.torch_threads=1",
+        "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=1", "trainer.epochs=1",
+        "ray.rollout_threads=1", "ray.learner_threads=1", "ray.num_rollout_workers=1",
         "logging.wandb=disabled", "logging.progress=false"]  # fmt: skip
 # Ray's token authentication with a token of the test's own (heads and clients in the sandbox share it)
 SANDBOX_ENV = (f"export WANDB_MODE=disabled HF_HUB_OFFLINE=1 RAY_DISABLE_USAGE_STATS=1 RAY_AUTH_MODE=token "

@@ -15,7 +15,7 @@ from rlft.run import main
 from tests.helpers import tiny_cfg
 
 TINY = ["env.num_inference_steps=4", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16",
-        "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=1", "ray.torch_threads=1",
+        "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=1", "ray.rollout_threads=1", "ray.learner_threads=1",
         "logging.wandb=disabled"]  # fmt: skip
 
 
@@ -47,11 +47,12 @@ def test_run_through_real_ray_as_a_subprocess(tiny_model_dir, tmp_path):
     check_run_folder(run_dir, epochs=2)
 
 
-def test_single_process_run_writes_the_same_outputs(tiny_model_dir, tmp_path):
+def test_single_process_run_writes_the_same_outputs_and_an_offline_wandb_run(tiny_model_dir, tmp_path):
     run_dir = main([f"env.base_model={tiny_model_dir}", f"logging.run_dir={tmp_path / 'run'}", "trainer.epochs=2",
-                    "ray.enabled=false", "logging.progress=false", *TINY])  # fmt: skip
+                    "ray.enabled=false", "logging.progress=false", *TINY, "logging.wandb=offline"])  # fmt: skip
     metrics = check_run_folder(run_dir, epochs=2)
     assert all(m["reward/nonfinite"] == 0 for m in metrics)
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def test_config_errors_stop_before_anything_starts(tmp_path):

@@ -108,7 +108,8 @@ def run_tune(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_a_two_trial_sweep_through_real_ray_tune_then_resumes_without_rerunning(tiny_model_dir, tmp_path):
     sweep_file = write_sweep(tmp_path / "tiny.yaml", overrides=[
         f"env.base_model={tiny_model_dir}", "env.num_inference_steps=4", "trainer.rollout_batch_size=8",
-        "trainer.samples_per_epoch=16", "algo.minibatch_size=8", "eval.num_samples=8", "ray.torch_threads=1",
+        "trainer.samples_per_epoch=16", "algo.minibatch_size=8", "eval.num_samples=8",
+        "ray.rollout_threads=1", "ray.learner_threads=1", "ray.num_rollout_workers=1",
         "trainer.epochs=2", "eval.every=1", "logging.wandb=disabled",
     ], scheduler={"name": "fifo"}, max_concurrent_trials=2, resources_per_trial={"cpu": 0.5}, num_cpus=6)  # fmt: skip
     args = [str(sweep_file), "storage_path=sweeps"]

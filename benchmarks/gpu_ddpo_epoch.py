@@ -1,0 +1,215 @@
+"""One DDPO epoch on the google/ddpm-celebahq-256 architecture (random weights): a plain research loop against
+rlft's fast path, side by side in one run.
+
+    python benchmarks/gpu_ddpo_epoch.py           # on a GPU: the full comparison (~6 min on an H200, compiles included)
+    python benchmarks/gpu_ddpo_epoch.py --tiny    # CPU smoke test of the same code on a tiny UNet (CI runs this)
+
+An epoch = sample N trajectories of 50 DDIM steps (eta 1, with log-probabilities), then one DDPO pass training on
+every stochastic step of every trajectory (forward + backward per step, one optimizer step per minibatch). Both
+arms run rlft's own `DiffusionPolicy.step` and `algorithms.ddpo.train_step`; they differ only in the fast path:
+
+    plain: fp32 eager, sampling and training batches of 16 (as the published research loops run)
+    rlft:  bf16 autocast (fp32 log-probabilities), channels_last, torch.compile, cuDNN autotuning,
+           sampling batches of 48 and training minibatches of 32
+
+Reported per arm: samples/s for the whole epoch, sampling and training throughput, peak GPU memory, and the
+fraction of the card's bf16 matmul peak (measured in the same run) that the FLOPs counted by torch's
+FlopCounterMode represent (MFU). JSON goes to benchmarks/results/gpu_ddpo_epoch.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from tensordict import TensorDict
+
+from algorithms import LearnerContext, ddpo
+from envs.schedule import DDIMSchedule
+from rlft.policy import DiffusionPolicy
+
+CELEBAHQ_UNET = dict(  # shared/reference/performance.md: 113.7 M parameters, ~497 GFLOP per forward per sample
+    sample_size=256, in_channels=3, out_channels=3, layers_per_block=2,
+    block_out_channels=(128, 128, 256, 256, 512, 512),
+    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None,
+    time_embedding_type="positional",
+)  # fmt: skip
+TINY_UNET = dict(
+    sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+)  # fmt: skip
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_flops(unet_config: dict, device: torch.device) -> float:
+    """FLOPs of one forward pass for one sample (FlopCounterMode: 1 multiply-add = 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = UNet2DModel(**unet_config).to(device)
+    x = torch.randn(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([500], device=device))
+    return float(counter.get_total_flops())
+
+
+def bf16_matmul_peak(device: torch.device, seconds: float = 3.0) -> float:
+    """The card's achievable bf16 dense matmul FLOP/s, measured now (8192^3 products back to back)."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            a @ b
+        sync(device)
+        count += 20
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def make_policy(unet_config: dict, steps: int, device: torch.device, fast: bool) -> DiffusionPolicy:
+    torch.manual_seed(0)  # both arms start from the same random weights
+    unet = UNet2DModel(**unet_config).to(device)
+    schedule = DDIMSchedule.from_scheduler_config(DDPMScheduler(num_train_timesteps=1000).config, steps, eta=1.0)
+    policy = DiffusionPolicy(
+        unet, schedule.to(device), autocast_dtype=torch.bfloat16 if fast else None, channels_last=fast
+    )
+    if fast and device.type == "cuda":
+        policy.compile_network()
+    return policy
+
+
+@torch.no_grad()
+def sample(policy: DiffusionPolicy, n: int, generator: torch.Generator, device: torch.device) -> TensorDict:
+    """n trajectories with log-probabilities, a stand-in reward (mean brightness) and batch-standardised advantages."""
+    cfg = policy.unet.config
+    x = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator, device=device)
+    context = torch.zeros(n, 0, device=device)
+    latents, log_probs = [x], []
+    for k in range(policy.schedule.num_steps):
+        noise = torch.randn(x.shape, generator=generator, device=device)
+        out = policy.step(x, k, context, noise=noise)
+        x = out.prev_sample
+        latents.append(x)
+        log_probs.append(out.log_prob)
+    reward = x.mean(dim=(1, 2, 3))
+    return TensorDict(
+        {
+            "latents": torch.stack(latents, dim=1),  # [n, T+1, C, H, W]
+            "log_prob": torch.stack(log_probs, dim=1),  # [n, T]
+            "context": context,  # [n, 0]
+            "advantage": (reward - reward.mean()) / (reward.std() + 1e-6),  # [n]
+        },
+        batch_size=[n],
+        device=device,
+    )
+
+
+def run_arm(name: str, policy: DiffusionPolicy, samples: int, sample_batch: int, train_batch: int,
+            device: torch.device, flops_per_forward: float, peak: float | None) -> dict:  # fmt: skip
+    cfg = ddpo.DDPOConfig(minibatch_size=train_batch)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, fused=device.type == "cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    ctx = LearnerContext(policy, policy, optimizer, None, None, torch.Generator().manual_seed(0), device)
+
+    # warm-up (compilation, cuDNN autotuning): one sampling batch, one training step on two timesteps
+    warm = sample(policy, sample_batch, generator, device)
+    ddpo.train_step(ctx, warm[:train_batch], ddpo.DDPOConfig(timestep_fraction=0.04))
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    start = time.perf_counter()
+    batches = [sample(policy, sample_batch, generator, device) for _ in range(samples // sample_batch)]
+    sync(device)
+    sampled = time.perf_counter()
+    epoch = torch.cat(batches)
+    for minibatch in epoch.split(train_batch):
+        ddpo.train_step(ctx, minibatch, cfg)
+    sync(device)
+    trained = time.perf_counter()
+
+    steps = policy.schedule.num_steps
+    trained_steps = len(policy.schedule.stochastic_steps)
+    sampling_s, training_s = sampled - start, trained - sampled
+    flops = samples * (steps + 3 * trained_steps) * flops_per_forward  # backward ~ 2 forwards
+    result = {
+        "samples": samples, "sample_batch": sample_batch, "train_batch": train_batch,
+        "sampling_s": sampling_s, "training_s": training_s,
+        "samples_per_s": samples / (sampling_s + training_s),
+        "sampling_samples_per_s": samples / sampling_s,
+        "training_sample_steps_per_s": samples * trained_steps / training_s,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "tflops_per_s": flops / (sampling_s + training_s) / 1e12,
+        "mfu": flops / (sampling_s + training_s) / peak if peak else None,
+        "sampling_mfu": samples * steps * flops_per_forward / sampling_s / peak if peak else None,
+        "training_mfu": samples * 3 * trained_steps * flops_per_forward / training_s / peak if peak else None,
+    }  # fmt: skip
+    rate = result["samples_per_s"]
+    print(f"  {name}: {rate:.3f} samples/s (sampling {sampling_s:.1f} s, training {training_s:.1f} s)", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny UNet, 5 steps: a CPU smoke test of this script")
+    parser.add_argument("--plain-samples", type=int, default=32, help="trajectories in the plain arm's epoch")
+    parser.add_argument("--rlft-samples", type=int, default=96, help="trajectories in rlft's epoch")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps per trajectory")
+    parser.add_argument("--out", default="benchmarks/results/gpu_ddpo_epoch.json", help="where the JSON goes")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    unet_config, steps = (TINY_UNET, 5) if args.tiny else (CELEBAHQ_UNET, args.steps)
+    plain_samples, rlft_samples = (8, 8) if args.tiny else (args.plain_samples, args.rlft_samples)
+    plain_batches, rlft_batches = ((4, 4), (8, 4)) if args.tiny else ((16, 16), (48, 32))
+
+    flops_per_forward = forward_flops(unet_config, device)
+    peak = bf16_matmul_peak(device) if device.type == "cuda" else None
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{card}: forward {flops_per_forward / 1e9:.1f} GFLOP/sample"
+          + (f", measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ""), flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"device": card, "steps": steps, "forward_gflop": flops_per_forward / 1e9,
+              "bf16_peak_tflops": peak / 1e12 if peak else None}  # fmt: skip
+    results = {}
+    results["plain"] = run_arm("plain", make_policy(unet_config, steps, device, fast=False), plain_samples,
+                               *plain_batches, device, flops_per_forward, peak)  # fmt: skip
+    out.write_text(json.dumps({**header, "results": results}, indent=2))  # kept if the rlft arm fails
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels (rlft arm only)
+        torch.cuda.empty_cache()
+    start = time.perf_counter()
+    results["rlft"] = run_arm("rlft", make_policy(unet_config, steps, device, fast=True), rlft_samples,
+                              *rlft_batches, device, flops_per_forward, peak)  # fmt: skip
+    results["rlft"]["warmup_and_epoch_s"] = time.perf_counter() - start
+    speedup = results["rlft"]["samples_per_s"] / results["plain"]["samples_per_s"]
+
+    print(f"\nDDPO epoch, {steps} DDIM steps, training on every stochastic step ({card})")
+    print(f"{'arm':<7}{'samples/s':>10}{'sampling/s':>11}{'train steps/s':>14}{'peak GiB':>9}{'MFU':>7}"
+          f"{'samp MFU':>9}{'train MFU':>10}")  # fmt: skip
+    for arm, r in results.items():
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        mfus = [f"{100 * r[k]:.0f}%" if r[k] is not None else "-" for k in ("mfu", "sampling_mfu", "training_mfu")]
+        print(f"{arm:<7}{r['samples_per_s']:>10.3f}{r['sampling_samples_per_s']:>11.2f}"
+              f"{r['training_sample_steps_per_s']:>14.1f}{mem:>9}{mfus[0]:>7}{mfus[1]:>9}{mfus[2]:>10}")  # fmt: skip
+    print(f"rlft / plain: {speedup:.2f}x samples/s")
+    out.write_text(json.dumps({**header, "results": results, "speedup": speedup}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

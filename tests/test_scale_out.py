@@ -1,0 +1,124 @@
+"""Many workers and their faults, through real Ray: DDP learners in sync, a learner and a rollout actor dying."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from rlft.checkpoint import Checkpoint, committed
+from rlft.learner import Learner
+from rlft.pipeline import init_ray, ray_call, share_weights, start_rollout_actors
+from rlft.rollout import RolloutGroup, RolloutWorker, derive_seed
+from tests.helpers import tiny_cfg
+
+pytestmark = pytest.mark.slow
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_two_learners_stay_identical_consume_each_batch_once_and_survive_a_learner_death(tiny_model_dir, tmp_path):
+    epochs, run_dir = 4, tmp_path / "run"
+    command = [sys.executable, "-m", "rlft.run", f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}",
+               "env.num_inference_steps=4", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=32",
+               "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=2", "ray.torch_threads=1",
+               "logging.wandb=disabled", "logging.progress=false", f"trainer.epochs={epochs}",
+               "trainer.checkpoint_every=1", "ray.num_learners=2", "ray.num_rollout_workers=2", "ray.num_cpus=6",
+               "ray.max_learner_failures=1"]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                               start_new_session=True)  # fmt: skip
+    killed_pid, deadline = None, time.monotonic() + 400
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            if killed_pid is None:  # kill learner rank 1 once, after it finished epoch 2 (a checkpoint follows)
+                ready = [r for r in read_jsonl(run_dir / "replicas.jsonl") if r["rank"] == 1 and r["epoch"] == 2]
+                if ready:
+                    killed_pid = ready[0]["pid"]
+                    os.kill(killed_pid, signal.SIGKILL)
+            time.sleep(0.05)
+        output = process.communicate(timeout=30)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-4000:]
+    assert killed_pid is not None
+
+    records = read_jsonl(run_dir / "replicas.jsonl")
+    pids = {(r["rank"], r["pid"]) for r in records}
+    assert len({pid for rank, pid in pids if rank == 1}) == 2, "learner rank 1 was not restarted"
+    # DDP replicas hold the same weights after every epoch, and a re-run epoch reproduces them exactly
+    by_epoch = defaultdict(set)
+    for r in records:
+        by_epoch[r["epoch"]].add(r["weights_sha256"])
+    assert sorted(by_epoch) == list(range(1, epochs + 1))
+    assert all(len(checksums) == 1 for checksums in by_epoch.values()), by_epoch
+    # every batch went to exactly one learner, once: the final checkpoint's buffers saw each uid once
+    final = Checkpoint.open(committed(run_dir / "checkpoints")[-1])
+    assert final.epoch == epochs
+    replicas = [final.replica(rank)["buffer"] for rank in (0, 1)]
+    seen = [set(b["seen"]) for b in replicas]
+    assert all(len(s) == epochs for s in seen) and not seen[0] & seen[1]
+    assert all(b["stats"]["added"] == epochs * 16 and b["stats"]["duplicates"] == 0 for b in replicas)
+    last_attempt = {(r["rank"], r["epoch"]): r["uids"] for r in records}  # later lines win: the surviving attempt
+    for rank in (0, 1):
+        assert {uid for (k, _), uids in last_attempt.items() if k == rank for uid in uids} == seen[rank]
+    metrics = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "policy_version" in m]
+    assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1))
+
+
+def test_a_rollout_actor_killed_mid_collect_is_restarted_and_its_batch_made_once(tiny_model_dir, tmp_path):
+    log, crashed = tmp_path / "collects.log", tmp_path / "crashed"
+
+    class CrashingWorker(RolloutWorker):
+        """Worker 1 dies (the process exits) half-way through its first collect at policy version 1."""
+
+        def collect(self, policy_version, seed, n, published=None):
+            with open(log, "a") as f:
+                f.write(f"{self.worker_index} {seed} start holding=v{self.policy_version}\n")
+            if self.worker_index == 1 and policy_version == 1 and not crashed.exists():
+                crashed.touch()
+                self._rollout(seed)  # part of the work
+                os._exit(1)
+            batch = super().collect(policy_version, seed, n, published)
+            with open(log, "a") as f:
+                f.write(f"{self.worker_index} {seed} done\n")
+            return batch
+
+    cfg = tiny_cfg(tiny_model_dir, "ray.num_rollout_workers=2", "ray.num_cpus=4")
+    init_ray(cfg)
+    try:
+        actors = start_rollout_actors(cfg, CrashingWorker)
+        group = RolloutGroup(actors, ray_call, share_weights)
+        learner = Learner(cfg, torch.device("cpu"))
+        published, collected = [], []
+        for epoch in range(2):
+            published.append(learner.policy.trainable_state_dict())
+            group.publish(published[-1], learner.policy_version)
+            batches = group.collect(learner.policy_version, derive_seed(7, epoch), 16)
+            collected.append(batches)
+            learner.ingest(batches)
+            learner.update()
+    finally:
+        ray.shutdown()
+    seed = derive_seed(derive_seed(7, 1), 1)  # worker 1's seed at epoch 1
+    lines = [line for line in log.read_text().splitlines() if line.startswith(f"1 {seed} ")]
+    # the crash, then the restarted actor (back on the base weights) fetched v1 and made the batch once
+    assert lines == [f"1 {seed} start holding=v1", f"1 {seed} start holding=v0", f"1 {seed} done"]
+    assert learner.buffer.stats["added"] == 32 and learner.buffer.stats["duplicates"] == 0
+    # oracle: the same collect in this process with the published v1 weights gives the same trajectories
+    reference = RolloutWorker(cfg, 1)
+    reference.set_weights(published[1], 1)
+    uid, batch = collected[1][1]
+    assert uid.startswith("v1-") and str(seed) in uid
+    expected = reference.collect(1, seed, 8)
+    assert torch.equal(batch["latents"], expected["latents"]) and torch.equal(batch["log_prob"], expected["log_prob"])
