@@ -299,17 +299,19 @@ def run_sweep(sweep: dict, scheduler):
     return tuner.fit(), sweep_dir
 
 
-def results_table(result_grid, sweep: dict):
-    """One row per trial: its search-space values, status, epochs reached, the metric and its run folder."""
+def results_table(result_grid, sweep: dict, epochs: int):
+    """One row per trial: its search-space values, status, epochs reached, the metric and its run folder.
+    A trial is "done" after all its epochs, "stopped" before (by the scheduler, or an interrupted sweep)."""
     import pandas as pd
 
     rows = []
     for result in result_grid:
-        metrics = result.metrics or {}
+        metrics, config = result.metrics or {}, result.config or {}  # a trial interrupted before reporting has none
+        status = "error" if result.error else "done" if metrics.get("epoch") == epochs else "stopped"
         rows.append({
             "trial": metrics.get("trial_id", Path(result.path).name),
-            **{key: result.config.get(key) for key in sweep["search_space"]},
-            "status": "error" if result.error else "done",
+            **{key: config.get(key) for key in sweep["search_space"]},
+            "status": status,
             "epochs": metrics.get("epoch"),
             sweep["metric"]: metrics.get(sweep["metric"]),
             **({"reward/mean": metrics.get("reward/mean")} if sweep["metric"] != "reward/mean" else {}),
@@ -349,12 +351,13 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         sweep = load_sweep(args[0], args[1:])
         check_sweep(sweep)
-        scheduler = make_scheduler(sweep, compose("config", [*TRIAL_DEFAULTS, *sweep["overrides"]]).trainer.epochs)
+        epochs = compose("config", [*TRIAL_DEFAULTS, *sweep["overrides"]]).trainer.epochs
+        scheduler = make_scheduler(sweep, epochs)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as error:
         raise SystemExit(f"rlft.tune: {error}") from None
     init_ray(sweep)
     result_grid, sweep_dir = run_sweep(sweep, scheduler)
-    table = results_table(result_grid, sweep)
+    table = results_table(result_grid, sweep, epochs)
     best = write_results(table, sweep, sweep_dir)
     print(table.to_string(index=False), flush=True)
     print(f"rlft.tune: results in {sweep_dir}/results.csv and results.json", flush=True)
