@@ -19,8 +19,9 @@ from rlft.run import main
 from tests.conftest import save_tiny_ddpm
 
 TINY = ["env.num_inference_steps=4", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16",
-        "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=2", "ray.torch_threads=1", "ray.enabled=false",
-        "logging.wandb=disabled", "logging.progress=false", "trainer.checkpoint_every=1"]  # fmt: skip
+        "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=2", "ray.rollout_threads=1",
+        "ray.learner_threads=1", "ray.enabled=false", "logging.wandb=disabled", "logging.progress=false",
+        "trainer.checkpoint_every=1"]  # fmt: skip
 
 
 def run(model_dir, run_dir, *overrides) -> Path:
@@ -104,7 +105,8 @@ def test_checkpoints_are_committed_folders_of_safetensors_and_json(three_checkpo
     assert (newest.state["epoch"], newest.state["policy_version"]) == (3, 3)
     assert_same_weights(newest.shared()[0], final_weights(three_checkpoints))
     replica = newest.replica(0)
-    assert replica["buffer"]["stats"]["added"] == 3 * 16 and len(replica["buffer"]["seen"]) == 3
+    # 3 epochs of 16 trajectories, from 2 rollout workers (one batch uid each per epoch)
+    assert replica["buffer"]["stats"]["added"] == 3 * 16 and len(replica["buffer"]["seen"]) == 3 * 2
     assert replica["torch_rng"].dtype == torch.uint8 and replica["generator"].dtype == torch.uint8
 
 

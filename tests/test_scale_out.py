@@ -30,8 +30,8 @@ def test_two_learners_stay_identical_consume_each_batch_once_and_survive_a_learn
     epochs, run_dir = 4, tmp_path / "run"
     command = [sys.executable, "-m", "rlft.run", f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}",
                "env.num_inference_steps=4", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=32",
-               "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=2", "ray.torch_threads=1",
-               "logging.wandb=disabled", "logging.progress=false", f"trainer.epochs={epochs}",
+               "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=2", "ray.rollout_threads=1",
+               "ray.learner_threads=1", "logging.wandb=disabled", "logging.progress=false", f"trainer.epochs={epochs}",
                "trainer.checkpoint_every=1", "ray.num_learners=2", "ray.num_rollout_workers=2", "ray.num_cpus=6",
                "ray.max_learner_failures=1"]  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
