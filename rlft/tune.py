@@ -363,6 +363,10 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"rlft.tune: results in {sweep_dir}/results.csv and results.json", flush=True)
     if best is not None:
         print(f"rlft.tune: best config in {best}:\n  {yaml.safe_load(best.read_text())['command']}", flush=True)
+    stopped = int((table["status"] == "stopped").sum())
+    if stopped:
+        print(f"rlft.tune: {stopped} trial(s) stopped before their last epoch, by the scheduler or an interruption; "
+              f"rerunning `python -m rlft.tune {' '.join(args)}` resumes an interrupted sweep", flush=True)
     errors = [result.error for result in result_grid if result.error]
     if errors:
         print(f"rlft.tune: {len(errors)} trial(s) failed; the first error:\n{errors[0]}", file=sys.stderr, flush=True)
