@@ -55,8 +55,8 @@ class Recorder:
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(
                 project=cfg.logging.wandb_project, dir=str(self.run_dir), mode=cfg.logging.wandb,
-                config=OmegaConf.to_container(cfg, resolve=True), name=self.run_dir.name,
-                id=wandb_run_id, resume="allow" if wandb_run_id else None,
+                config=OmegaConf.to_container(cfg, resolve=True), name=cfg.logging.wandb_name or self.run_dir.name,
+                group=cfg.logging.wandb_group, id=wandb_run_id, resume="allow" if wandb_run_id else None,
             )  # fmt: skip
         self.bar = tqdm(total=total_epochs, desc="rlft", unit="epoch", disable=not cfg.logging.progress)
 
