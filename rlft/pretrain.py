@@ -9,8 +9,6 @@ written as safetensors into the package's assets, so `python -m rlft.run` needs 
 
 from __future__ import annotations
 
-import copy
-import math
 import sys
 from pathlib import Path
 
@@ -24,48 +22,11 @@ from rlft.config import compose, resolve_device
 
 
 def train_ddpm(cfg: DictConfig, out_dir: Path, device: torch.device) -> None:
-    from diffusers import DDPMScheduler, UNet2DModel
+    """The shipped digits DDPM: the DDPM objective on the training split, EMA weights saved (no flips: digits)."""
+    from rlft.pretrain_folder import fit_ddpm
 
-    images, _ = digits.load_digits("train")
-    images = images.to(device)
-    unet = UNet2DModel(**digits.digits_unet_config()).to(device)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    p = cfg.pretrain
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=p.ddpm_lr, weight_decay=0.0)
-    warmup = max(1, p.ddpm_steps // 20)
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 5% of the peak
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, p.ddpm_steps - warmup)))
-
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    bar = tqdm(range(p.ddpm_steps), desc="digits DDPM", unit="step")
-    for step in bar:
-        idx = torch.randint(0, len(images), (p.ddpm_batch_size,), generator=generator).to(device)
-        x0 = images[idx]
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(device)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(x_t, t).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        decay = min(p.ema_decay, (1 + step) / (10 + step))  # short EMA early, so a short run still ships well
-        with torch.no_grad():
-            for e, w in zip(ema.parameters(), unet.parameters(), strict=True):
-                e.lerp_(w, 1 - decay)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ema.to("cpu").save_pretrained(out_dir, safe_serialization=True)
-    scheduler.save_pretrained(out_dir)
+    images, _ = digits.load_digits("train")  # [N, 1, 16, 16] in [-1, 1]
+    fit_ddpm(images, digits.digits_unet_config(), cfg, out_dir, device, "digits DDPM", hflip=False, checkpoint=None)
     print(f"saved the digits DDPM (EMA weights) to {out_dir}")
 
 

@@ -99,13 +99,15 @@ def load_checkpoint(path: Path, unet, ema, optimizer, lr_schedule, generator: to
     return int(state["step"])
 
 
-def train_folder_ddpm(cfg: DictConfig, out_dir: Path, device: torch.device) -> Path:
+def fit_ddpm(images: torch.Tensor, unet_config: dict, cfg: DictConfig, out_dir: Path, device: torch.device,
+             desc: str, hflip: bool, checkpoint: Path | None) -> None:  # fmt: skip
+    """Train a UNet2DModel with the DDPM objective on `images` ([N, C, H, W], uint8 or floats in [-1, 1]) and
+    save its EMA weights and scheduler into `out_dir`; resumable from `checkpoint` when one is given."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     p = cfg.pretrain
-    images = load_image_folder(p.image_folder, p.image_size, p.channels)
     torch.manual_seed(cfg.seed)
-    unet = UNet2DModel(**unet_config(p)).to(device)
+    unet = UNet2DModel(**unet_config).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=p.beta_schedule, clip_sample=False)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
@@ -119,16 +121,16 @@ def train_folder_ddpm(cfg: DictConfig, out_dir: Path, device: torch.device) -> P
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(cfg.seed)
-    checkpoint = out_dir / "checkpoint"
     start = 0
-    if checkpoint.exists() and p.resume:
+    if checkpoint is not None and checkpoint.exists() and p.resume:
         start = load_checkpoint(checkpoint, unet, ema, optimizer, lr_schedule, generator)
         print(f"resuming from {checkpoint} at step {start}")
-    bar = tqdm(range(start, p.ddpm_steps), initial=start, total=p.ddpm_steps, desc="DDPM", unit="step")
+    to_unit = (lambda x: x.float() / 127.5 - 1) if images.dtype == torch.uint8 else (lambda x: x)
+    bar = tqdm(range(start, p.ddpm_steps), initial=start, total=p.ddpm_steps, desc=desc, unit="step")
     for step in bar:
         idx = torch.randint(0, len(images), (p.ddpm_batch_size,), generator=generator)
-        x0 = images[idx].float() / 127.5 - 1  # [B, C, H, W] in [-1, 1]
-        if p.hflip:
+        x0 = to_unit(images[idx])  # [B, C, H, W] in [-1, 1]
+        if hflip:
             flip = torch.rand(len(x0), generator=generator) < 0.5
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
         noise = torch.randn(x0.shape, generator=generator)
@@ -146,10 +148,17 @@ def train_folder_ddpm(cfg: DictConfig, out_dir: Path, device: torch.device) -> P
             for e, w in zip(ema.parameters(), unet.parameters(), strict=True):
                 e.lerp_(w, 1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if (step + 1) % p.checkpoint_every == 0 or step + 1 == p.ddpm_steps:
+        if checkpoint is not None and ((step + 1) % p.checkpoint_every == 0 or step + 1 == p.ddpm_steps):
             save_checkpoint(checkpoint, unet, ema, optimizer, lr_schedule, generator, step + 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
     ema.to("cpu").save_pretrained(out_dir, safe_serialization=True)
     scheduler.save_pretrained(out_dir)
+
+
+def train_folder_ddpm(cfg: DictConfig, out_dir: Path, device: torch.device) -> Path:
+    p = cfg.pretrain
+    images = load_image_folder(p.image_folder, p.image_size, p.channels)
+    fit_ddpm(images, unet_config(p), cfg, out_dir, device, "DDPM", p.hflip, out_dir / "checkpoint")
     print(f"saved the base DDPM (EMA weights, {len(images)} training images) to {out_dir}; fine-tune it with "
           f"`python -m rlft.run env=ddpm env.base_model={out_dir}`")  # fmt: skip
     return out_dir
