@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from envs.schedule import DDIMSchedule
@@ -82,12 +83,19 @@ class DiffusionPolicy(nn.Module):
         self.schedule = schedule
         self.autocast_dtype = autocast_dtype
         self.conditional = hasattr(unet.config, "cross_attention_dim") and unet.config.cross_attention_dim
+        self.gradient_checkpointing = False  # set by rlft.lora.configure_policy from the `policy:` config
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
     def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # keep only this call's inputs; its activations are recomputed in the backward pass
+            return torch.utils.checkpoint.checkpoint(self._network, x_t, timestep, context, use_reentrant=False)
+        return self._network(x_t, timestep, context)
+
+    def _network(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x_t.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
             if self.conditional:
                 return self.unet(x_t, timestep, encoder_hidden_states=context).sample

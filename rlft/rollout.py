@@ -16,6 +16,7 @@ from tensordict import TensorDict
 
 from algorithms import load_algorithm
 from envs.tasks import make_env
+from rlft.lora import configure_policy
 from rlft.policy import DiffusionPolicy, load_base_model
 
 
@@ -47,7 +48,9 @@ def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]
         reward=cfg["reward"],
         device=device,
     )
-    return DiffusionPolicy(unet.to(device), env.schedule), env
+    policy = DiffusionPolicy(unet.to(device), env.schedule)
+    checkpointing_default = getattr(load_algorithm(cfg["algo"]["name"]), "GRADIENT_CHECKPOINTING", False)
+    return configure_policy(policy, cfg["policy"], checkpointing_default).to(device), env
 
 
 class RolloutWorker:
