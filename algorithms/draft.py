@@ -42,10 +42,10 @@ VARIANTS = ("full", "lv")
 
 @dataclass
 class DRaFTConfig:
-    lr: float = 3e-4  # AdamW learning rate
+    lr: float = 1e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm) before each optimizer step
-    steps_per_epoch: int = 5  # optimizer steps per epoch, each on a fresh batch of trainer.rollout_batch_size samples
+    steps_per_epoch: int = 1  # optimizer steps per epoch, each on a fresh batch of trainer.rollout_batch_size samples
     k: int | None = None  # backpropagate through the last k sampling steps (DRaFT-K); null or 0 = all steps (DRaFT)
     variant: str = "full"  # "full" (DRaFT / DRaFT-K) or "lv" (DRaFT-LV: re-noise x_0, one differentiable step)
     lv_samples: int = 2  # DRaFT-LV: re-noised copies n of each sample
