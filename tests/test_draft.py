@@ -91,7 +91,7 @@ def test_full_draft_gradients_are_the_same_with_and_without_checkpointing(tiny_m
     for checkpointing in (False, True):
         _, policy, schedule, x_T, context = setup(tiny_model_dir, f"policy.gradient_checkpointing={checkpointing}")
         calls = []
-        policy.unet.register_forward_pre_hook(lambda *args: calls.append(1))  # fires on recomputation too
+        policy.unet.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))  # also on recomputation
         images = draft.sample(policy, schedule, x_T, context, k=None)
         loss = draft.draft_loss(*evaluate_reward(reward, images, context), 1.0)
         results[checkpointing] = (loss.detach(), trainable_grads(policy, loss), len(calls))
@@ -123,14 +123,14 @@ def test_lv_averages_n_renoised_samples_each_denoised_by_one_step(tiny_model_dir
 
     a = schedule.alpha_prod[-1]  # the last sampling timestep; its step lands on alpha-bar = 1
     t_last = schedule.timesteps[-1]
-    expected_loss, expected_grads = 0.0, None
+    expected_loss, expected_grads = 0.0, [torch.zeros_like(p) for p in policy.parameters() if p.requires_grad]
     for i in range(n):
         x_1 = a.sqrt() * x_0 + (1 - a).sqrt() * noise[i]
         x0_i = (x_1 - (1 - a).sqrt() * policy.unet(x_1, t_last).sample) / a.sqrt()
         loss_i = ((x0_i - 0.3) ** 2).mean(dim=(1, 2, 3)).mean() / n
         expected_loss += loss_i.item()
         grads_i = trainable_grads(policy, loss_i)
-        expected_grads = grads_i if expected_grads is None else [e + g for e, g in zip(expected_grads, grads_i)]
+        expected_grads = [e + g for e, g in zip(expected_grads, grads_i, strict=True)]
     assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
@@ -157,7 +157,9 @@ def test_update_raises_the_reward(tiny_model_dir, overrides):
     assert first["train/optimizer_steps"] == 10
     assert first["draft/samples"] == 10 * 4 * (2 if "algo.variant=lv" in overrides else 1)
     assert second["reward/mean"] > first["reward/mean"]
-    assert all(not torch.equal(before[k], v) for k, v in learner.policy.trainable_state_dict().items() if "lora_A" not in k)
+    assert all(
+        not torch.equal(before[k], v) for k, v in learner.policy.trainable_state_dict().items() if "lora_A" not in k
+    )
     if "algo.aux_loss_weight=0.5" in overrides:
         assert second["draft/aux_loss"] > 0
 
@@ -230,8 +232,19 @@ def test_draft_yaml_defaults_equal_the_config_dataclass():
 def test_single_process_lv_run_with_lora_saves_adapters_only(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    run_dir = main([f"env.base_model={tiny_model_dir}", f"logging.run_dir={tmp_path / 'run'}", "trainer.epochs=2",
-                    "algo.steps_per_epoch=2", "algo.variant=lv", "policy.lora_rank=2", "ray.enabled=false", "eval.every=1", *TINY])
+    run_dir = main(
+        [
+            f"env.base_model={tiny_model_dir}",
+            f"logging.run_dir={tmp_path / 'run'}",
+            "trainer.epochs=2",
+            "algo.steps_per_epoch=2",
+            "algo.variant=lv",
+            "policy.lora_rank=2",
+            "ray.enabled=false",
+            "eval.every=1",
+            *TINY,
+        ]
+    )
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines if "eval/reward_mean" in m] == [0, 1, 2]
     assert all({"loss/policy", "reward/mean", "train/grad_norm"} <= set(m) for m in lines if "policy_version" in m)
