@@ -265,3 +265,19 @@ def test_draft_runs_through_real_ray(tiny_model_dir, tmp_path):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines if "eval/reward_mean" in m] == [0, 1, 2]
     assert (run_dir / "final" / "policy.safetensors").exists()
+
+
+def test_lora_works_for_ddpo_too(tiny_model_dir):
+    from tests.helpers import tiny_cfg
+
+    cfg = tiny_cfg(tiny_model_dir, "policy.lora_rank=2", "algo.lr=1e-2")
+    worker, learner = RolloutWorker(cfg), Learner(cfg, torch.device("cpu"))
+    frozen = {k: v.clone() for k, v in learner.policy.state_dict().items() if "lora_" not in k}
+    learner.ingest([("batch-0", worker.collect(0, seed=3, n=16))])
+    learner.update()
+    after = learner.policy.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    weights = learner.policy.trainable_state_dict()
+    assert all("lora_" in k for k in weights) and any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+    worker.set_weights(weights, 1)
+    assert worker.collect(1, seed=3, n=8)["reward_finite"].all()
