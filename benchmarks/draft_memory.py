@@ -6,7 +6,8 @@
 Each configuration runs in a fresh subprocess, so its peak resident memory (getrusage ru_maxrss; on CUDA,
 torch.cuda.max_memory_allocated) belongs to that configuration alone. The table shows the peak during the updates,
 the extra memory the updates needed over the process's peak before them (model, data, a no-grad sampling pass), and
-the median wall time per optimizer step. Writes benchmarks/results/draft_memory.json.
+the median wall and process CPU time per optimizer step (on shared cores the CPU time is the steadier of the two:
+with one thread it counts this process's work, not its waiting). Writes benchmarks/results/draft_memory.json.
 """
 
 from __future__ import annotations
@@ -52,16 +53,18 @@ def child(k: int, checkpointing: bool, batch: int, steps: int, threads: int, dev
     if device.type == "cuda":
         torch.cuda.synchronize()
     before = peak_mb(device)
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps + 1):  # the first step is a warm-up (optimizer state, allocator)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         draft.train_step(ctx, algo, learner.state)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = peak_mb(device)
     return {"k": k, "checkpointing": checkpointing, "peak_mb": peak, "baseline_mb": before,
-            "update_mb": peak - before, "step_s": statistics.median(times[1:])}  # fmt: skip
+            "update_mb": peak - before, "step_s": statistics.median(times[1:]),
+            "cpu_s": statistics.median(cpu_times[1:])}  # fmt: skip
 
 
 def main() -> None:
@@ -91,15 +94,15 @@ def main() -> None:
                 raise SystemExit(f"configuration K={k} checkpointing={checkpointing} failed:\n{result.stderr[-3000:]}")
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             row = rows[-1]
-            print(f"  K={k:<3} checkpointing={checkpointing!s:<6} {row['update_mb']:8.1f} MB  {row['step_s']:.2f} s",
+            print(f"  K={k:<3} checkpointing={checkpointing!s:<6} {row['update_mb']:8.1f} MB  {row['cpu_s']:.2f} cpu s",
                   file=sys.stderr, flush=True)  # fmt: skip
 
     print(f"\nDRaFT update on the digits model: batch {args.batch}, 10 DDIM steps, {args.device}, "
           f"{args.threads} thread(s); median of {args.steps} steps after a warm-up")  # fmt: skip
-    print(f"{'K':>4}{'checkpointing':>15}{'peak MB':>10}{'update MB':>11}{'s / step':>10}")
+    print(f"{'K':>4}{'checkpointing':>15}{'peak MB':>10}{'update MB':>11}{'wall s/step':>13}{'cpu s/step':>12}")
     for row in rows:
         print(f"{row['k']:>4}{row['checkpointing']!s:>15}{row['peak_mb']:>10.1f}{row['update_mb']:>11.1f}"
-              f"{row['step_s']:>10.2f}")  # fmt: skip
+              f"{row['step_s']:>13.2f}{row['cpu_s']:>12.2f}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("child", "out")}
