@@ -258,8 +258,8 @@ def test_draft_runs_through_real_ray(tiny_model_dir, tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     result = subprocess.run(
         [sys.executable, "-m", "rlft.run", f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}",
-         "trainer.epochs=2", "algo.steps_per_epoch=2", "algo.k=1", "ray.num_cpus=4", *TINY],
-        capture_output=True, text=True, timeout=300, env=env,
+         "trainer.epochs=2", "algo.steps_per_epoch=2", "algo.k=1", "ray.num_cpus=4", "eval.every=1", *TINY],
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
