@@ -4,6 +4,7 @@
     REQUIRES_STOCHASTIC_SAMPLER     True when the update needs transition log-probabilities (env.eta > 0)
     REQUIRES_DIFFERENTIABLE_REWARD  True when the update backpropagates through the reward
     USES_ROLLOUTS                   False when the learner makes its own samples (no rollout workers, no buffer)
+    GRADIENT_CHECKPOINTING          optional: the default of policy.gradient_checkpointing (False when absent)
     ROLLOUT_KEYS                    optional per-step entries rollout workers record beyond the latents
                                     and log-probabilities (e.g. "noise")
     make_state(cfg)                 the algorithm's own learner-side state (state_dict / load_state_dict)

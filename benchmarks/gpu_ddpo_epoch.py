@@ -83,9 +83,9 @@ def make_policy(unet_config: dict, steps: int, device: torch.device, fast: bool)
     torch.manual_seed(0)  # both arms start from the same random weights
     unet = UNet2DModel(**unet_config).to(device)
     schedule = DDIMSchedule.from_scheduler_config(DDPMScheduler(num_train_timesteps=1000).config, steps, eta=1.0)
-    policy = DiffusionPolicy(
-        unet, schedule.to(device), autocast_dtype=torch.bfloat16 if fast else None, channels_last=fast
-    )
+    policy = DiffusionPolicy(unet, schedule.to(device), autocast_dtype=torch.bfloat16 if fast else None)
+    if fast:
+        policy.use_channels_last()
     if fast and device.type == "cuda":
         policy.compile_network()
     return policy

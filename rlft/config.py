@@ -108,7 +108,7 @@ def _one_of(name: str, value, choices: tuple) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Impossible combinations, caught before Ray starts; each message names the values involved."""
-    from algorithms import load_algorithm
+    from algorithms import load_algorithm, make_config
     from envs.models import check_base_model
     from envs.rewards import make_reward_from_config
 
@@ -120,24 +120,27 @@ def validate(cfg: DictConfig) -> None:
     _require(workers % learners == 0, f"ray.num_rollout_workers={workers} must be a multiple of ray.num_learners="
              f"{learners}: each learner feeds from its own rollout workers")  # fmt: skip
     _require(r.enabled or learners == 1, f"ray.enabled=false runs one learner, but ray.num_learners={learners}")
-    per_worker, remainder = divmod(t.samples_per_epoch, workers)
-    _require(remainder == 0 and per_worker % t.rollout_batch_size == 0 and per_worker > 0,
-             f"trainer.samples_per_epoch={t.samples_per_epoch} must split into {workers} rollout worker(s) x whole "
-             f"batches of trainer.rollout_batch_size={t.rollout_batch_size}; try samples_per_epoch="
-             f"{workers * t.rollout_batch_size * max(1, round(t.samples_per_epoch / workers / t.rollout_batch_size))}")
-    per_learner = t.samples_per_epoch // learners
     _require(cfg.eval.num_samples % t.rollout_batch_size == 0,
              f"eval.num_samples={cfg.eval.num_samples} must be a multiple of trainer.rollout_batch_size="
              f"{t.rollout_batch_size}")  # fmt: skip
-    capacity = t.buffer_capacity or per_learner
-    _require(capacity >= per_learner, f"trainer.buffer_capacity={capacity} is smaller than one epoch's trajectories "
-             f"per learner ({per_learner}): new data would be evicted before it is trained on")  # fmt: skip
-    if "minibatch_size" in algo:
-        _require(0 < algo.minibatch_size <= per_learner, f"algo.minibatch_size={algo.minibatch_size} must lie in "
-                 f"1..{per_learner} (trajectories per learner per epoch)")  # fmt: skip
+    if module.USES_ROLLOUTS:  # the collection and buffer sizes only matter to algorithms that train on rollouts
+        per_worker, remainder = divmod(t.samples_per_epoch, workers)
+        batches = max(1, round(t.samples_per_epoch / workers / t.rollout_batch_size))
+        _require(remainder == 0 and per_worker % t.rollout_batch_size == 0 and per_worker > 0,
+                 f"trainer.samples_per_epoch={t.samples_per_epoch} must split into {workers} rollout worker(s) x whole "
+                 f"batches of trainer.rollout_batch_size={t.rollout_batch_size}; try samples_per_epoch="
+                 f"{workers * t.rollout_batch_size * batches}")
+        per_learner = t.samples_per_epoch // learners
+        capacity = t.buffer_capacity or per_learner
+        _require(capacity >= per_learner, f"trainer.buffer_capacity={capacity} is smaller than one epoch's "
+                 f"trajectories per learner ({per_learner}): new data would be evicted before it is trained on")
+        if "minibatch_size" in algo:
+            _require(0 < algo.minibatch_size <= per_learner, f"algo.minibatch_size={algo.minibatch_size} must lie in "
+                     f"1..{per_learner} (trajectories per learner per epoch)")  # fmt: skip
     if getattr(module, "REQUIRES_STOCHASTIC_SAMPLER", False):
         _require(cfg.env.eta > 0, f"algo={algo.name} needs log-probabilities of a stochastic sampler, but env.eta="
                  f"{cfg.env.eta}; use env.eta=1.0 (or any value in (0, 1])")  # fmt: skip
+    make_config(module, algo)  # the algorithm's own checks (its Config's __post_init__)
     check_base_model(to_container(cfg.env))  # a missing base model stops the run here, before Ray starts
     reward = make_reward_from_config(to_container(cfg.reward))  # loads reward models: missing ones stop it too
     if getattr(module, "REQUIRES_DIFFERENTIABLE_REWARD", False):
@@ -147,6 +150,8 @@ def validate(cfg: DictConfig) -> None:
                  "actor cannot do; set reward.remote=false")  # fmt: skip
     _require(r.enabled or not cfg.reward.remote, "reward.remote=true runs the reward in a Ray actor; it needs "
              "ray.enabled=true (or set reward.remote=false)")  # fmt: skip
+    _require(cfg.policy.lora_rank >= 0, f"policy.lora_rank={cfg.policy.lora_rank} must be >= 0 (0 = full "
+             "fine-tuning)")  # fmt: skip
     for problem in getattr(module, "validate", lambda cfg: [])(cfg):  # the algorithm's own checks
         raise ConfigError(problem)
     _one_of("trainer.lr_schedule", t.lr_schedule, ("constant", "cosine"))

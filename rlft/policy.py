@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from envs.schedule import DDIMSchedule
@@ -75,21 +76,20 @@ class DiffusionPolicy(nn.Module):
     `forward` is the network call only, so DDP can wrap the policy; `step` is forward + `ddim_step`.
     """
 
-    def __init__(
-        self,
-        unet: nn.Module,
-        schedule: DDIMSchedule,
-        autocast_dtype: torch.dtype | None = None,
-        channels_last: bool = False,
-    ):
+    def __init__(self, unet: nn.Module, schedule: DDIMSchedule, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.unet = unet
         self.schedule = schedule
         self.autocast_dtype = autocast_dtype  # bf16 autocast for the network; the step maths stays fp32
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if channels_last:  # NHWC: cuDNN's fast convolution layout for bf16 on tensor cores
-            self.unet.to(memory_format=torch.channels_last)
+        self.memory_format = torch.contiguous_format
         self.conditional = hasattr(unet.config, "cross_attention_dim") and unet.config.cross_attention_dim
+        self.gradient_checkpointing = False  # set by rlft.lora.configure_policy from the `policy:` config
+
+    def use_channels_last(self) -> None:
+        """NHWC layout for the network and its inputs: cuDNN's fast convolution layout for bf16 tensor cores.
+        Call it after any module surgery (LoRA), so new layers are converted too."""
+        self.memory_format = torch.channels_last
+        self.unet.to(memory_format=torch.channels_last)
 
     def compile_network(self) -> None:
         """torch.compile the network in place (parameter names unchanged, so weights still publish as before)."""
@@ -100,6 +100,12 @@ class DiffusionPolicy(nn.Module):
         return next(self.unet.parameters()).device
 
     def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # keep only this call's inputs; its activations are recomputed in the backward pass
+            return torch.utils.checkpoint.checkpoint(self._network, x_t, timestep, context, use_reentrant=False)
+        return self._network(x_t, timestep, context)
+
+    def _network(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x_t = x_t.contiguous(memory_format=self.memory_format)
         with torch.autocast(x_t.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
             if self.conditional:

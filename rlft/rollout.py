@@ -18,6 +18,7 @@ from tensordict import TensorDict
 from algorithms import load_algorithm
 from envs.models import is_stable_diffusion
 from envs.tasks import make_env
+from rlft.lora import configure_policy
 from rlft.policy import DiffusionPolicy, load_base_model
 
 NETWORK_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # policy.dtype -> autocast dtype (None: plain fp32)
@@ -67,9 +68,11 @@ def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]
             device=device,
         )
     fast = cfg["policy"]
-    policy = DiffusionPolicy(
-        unet.to(device), env.schedule, autocast_dtype=NETWORK_DTYPES[fast["dtype"]], channels_last=fast["channels_last"]
-    )
+    policy = DiffusionPolicy(unet.to(device), env.schedule, autocast_dtype=NETWORK_DTYPES[fast["dtype"]])
+    checkpointing_default = getattr(load_algorithm(cfg["algo"]["name"]), "GRADIENT_CHECKPOINTING", False)
+    policy = configure_policy(policy, fast, checkpointing_default).to(device)  # LoRA, gradient checkpointing
+    if fast["channels_last"]:
+        policy.use_channels_last()
     if fast["compile"]:
         policy.compile_network()
     return policy, env
