@@ -32,7 +32,8 @@ def run_variant(name: str, passes: int, args) -> dict:
     overrides = [
         "algo=adjoint_matching", "env=digits", "reward=digit", f"algo.passes_per_buffer={passes}",
         f"trainer.samples_per_epoch={args.samples_per_epoch}", f"device={args.device}", "ray.enabled=false",
-        f"ray.torch_threads={args.threads}", "logging.wandb=disabled", f"seed={args.seed}", *args.override,
+        f"ray.rollout_threads={args.threads}", f"ray.learner_threads={args.threads}", "logging.wandb=disabled",
+        f"seed={args.seed}", *args.override,
     ]  # fmt: skip
     composed = compose("config", overrides)
     validate(composed)

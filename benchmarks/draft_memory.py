@@ -42,7 +42,8 @@ def child(k: int, checkpointing: bool, batch: int, steps: int, threads: int, dev
 
     cfg = to_container(compose("config", [
         "algo=draft", f"algo.k={k}", f"policy.gradient_checkpointing={checkpointing}", f"device={device_name}",
-        f"trainer.rollout_batch_size={batch}", f"ray.torch_threads={threads}", "logging.wandb=disabled",
+        f"trainer.rollout_batch_size={batch}", f"ray.rollout_threads={threads}", f"ray.learner_threads={threads}",
+        "logging.wandb=disabled",
     ]))  # fmt: skip
     device = torch.device(device_name)
     learner = Learner(cfg, device)

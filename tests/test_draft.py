@@ -20,7 +20,8 @@ from rlft.rollout import RolloutWorker, build_policy
 from rlft.run import main
 
 TINY = ["algo=draft", "env.num_inference_steps=4", "trainer.rollout_batch_size=4", "eval.num_samples=4",
-        "ray.torch_threads=1", "logging.wandb=disabled", "logging.progress=false"]  # fmt: skip
+        "ray.rollout_threads=1", "ray.learner_threads=1", "logging.wandb=disabled",
+        "logging.progress=false"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
