@@ -73,6 +73,12 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
             group_overrides.append(override)
         else:
             key_overrides.append((key, override))
+    chosen = dict(_split_override(o) for o in group_overrides)
+    if "env" in chosen and "reward" not in chosen:  # an env may name its reward (inverse problems: measurement)
+        default_reward = OmegaConf.load(CONFIG_DIR / "env" / f"{chosen['env']}.yaml").get("default_reward")
+        if default_reward:
+            group_overrides.append(f"reward={default_reward}")
+            overrides = [*overrides, f"reward={default_reward}"]
 
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         base = hydra_compose(config_name=config_name, overrides=group_overrides)
@@ -137,6 +143,10 @@ def validate(cfg: DictConfig) -> None:
     if getattr(module, "REQUIRES_STOCHASTIC_SAMPLER", False):
         _require(cfg.env.eta > 0, f"algo={algo.name} needs log-probabilities of a stochastic sampler, but env.eta="
                  f"{cfg.env.eta}; use env.eta=1.0 (or any value in (0, 1])")  # fmt: skip
+    if cfg.env.get("dataset") == "flowers102":  # user-supplied model, torchvision and data: say what is missing
+        from envs.flowers import check_flowers102
+
+        check_flowers102(cfg.env.data_root, cfg.env.base_model)
     reward = make_reward(cfg.reward.name, **{k: v for k, v in cfg.reward.items() if k != "name"})
     if getattr(module, "REQUIRES_DIFFERENTIABLE_REWARD", False):
         _require(reward.differentiable, f"algo={algo.name} backpropagates through the reward, but reward="

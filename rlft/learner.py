@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDict
 
-from algorithms import LearnerContext, load_algorithm, make_config
+from algorithms import LearnerContext, load_algorithm, make_config, uses_rollouts
 from rlft.buffer import TrajectoryBuffer
 from rlft.rollout import RolloutGroup, build_policy, derive_seed, set_torch_threads
 
@@ -53,7 +53,7 @@ class Learner:
         optimizer = torch.optim.AdamW(trainable, lr=self.algo.lr, weight_decay=self.algo.weight_decay)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
         buffer = None
-        if self.algorithm.USES_ROLLOUTS:
+        if uses_rollouts(self.algorithm, self.algo):
             buffer = TrajectoryBuffer(
                 capacity=cfg["trainer"]["buffer_capacity"] or cfg["trainer"]["samples_per_epoch"] // world_size,
                 minibatch_size=self.algo.minibatch_size,
@@ -137,7 +137,7 @@ def train(cfg: dict, rollouts: RolloutGroup, report: Report, device: torch.devic
     for epoch in range(trainer["epochs"]):
         start = time.perf_counter()
         metrics = {}
-        if learner.algorithm.USES_ROLLOUTS:
+        if uses_rollouts(learner.algorithm, learner.algo):
             seed = derive_seed(cfg["seed"], 3, epoch, rank)
             metrics = learner.ingest(rollouts.collect(learner.policy_version, seed, samples))
         collected = time.perf_counter()

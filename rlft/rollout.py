@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from algorithms import load_algorithm
-from envs.tasks import make_env
+from algorithms import load_algorithm, make_config
+from envs.tasks import is_inverse_problem, make_inverse_env, make_task_env
 from rlft.policy import DiffusionPolicy, load_base_model
 
 
@@ -35,19 +35,27 @@ def set_torch_threads(cfg: dict) -> None:
 
 
 def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]:
-    """The base model as a policy, plus a batched env of `rollout_batch_size` samples sharing its schedule."""
+    """The base model as a policy, plus a batched env of `rollout_batch_size` samples sharing its schedule.
+
+    An algorithm with `make_correction` (DEFT) adds its trainable module to the frozen base network."""
     unet, scheduler_config = load_base_model(cfg["env"]["base_model"])
     sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    env = make_env(
-        num_envs=cfg["trainer"]["rollout_batch_size"],
-        sample_shape=sample_shape,
-        scheduler_config=scheduler_config,
-        num_inference_steps=cfg["env"]["num_inference_steps"],
-        eta=cfg["env"]["eta"],
-        reward=cfg["reward"],
-        device=device,
+    env = make_task_env(
+        cfg["env"], cfg["reward"], cfg["trainer"]["rollout_batch_size"], sample_shape, scheduler_config, device=device
     )
-    return DiffusionPolicy(unet.to(device), env.schedule), env
+    algorithm = load_algorithm(cfg["algo"]["name"])
+    correction = None
+    if hasattr(algorithm, "make_correction"):
+        correction = algorithm.make_correction(make_config(algorithm, cfg["algo"]), env, scheduler_config).to(device)
+    return DiffusionPolicy(unet.to(device), env.schedule, correction=correction), env
+
+
+def build_eval_env(cfg: dict, env):
+    """The env evaluations run in: for inverse problems the held-out cases in a fixed order, else `env` itself."""
+    if not is_inverse_problem(cfg["env"]):
+        return env
+    return make_inverse_env(env.num_envs, env.sample_shape, env.schedule, cfg["env"], cfg["reward"], evaluation=True,
+                            device=env.device)  # fmt: skip
 
 
 class RolloutWorker:
@@ -57,10 +65,12 @@ class RolloutWorker:
                                    ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
         self.worker_index = worker_index
         self.policy, self.env = build_policy(cfg, self.device)
+        self.eval_env = build_eval_env(cfg, self.env)
         self.policy.eval().requires_grad_(False)
         self.policy_version = 0
         algorithm = load_algorithm(cfg["algo"]["name"])
         self.record_noise = "noise" in getattr(algorithm, "ROLLOUT_KEYS", ())
+        self.record_base_output = "base_output" in getattr(algorithm, "ROLLOUT_KEYS", ())
 
     def set_weights(self, weights: dict[str, torch.Tensor], policy_version: int) -> None:
         self.policy.load_trainable_state_dict(weights)
@@ -74,14 +84,19 @@ class RolloutWorker:
             )
 
     @torch.no_grad()
-    def _rollout(self, seed: int) -> TensorDict:
+    def _rollout(self, seed: int, env=None) -> TensorDict:
         """One env batch: reset with `seed`, denoise all steps, return the trajectories."""
-        env, policy = self.env, self.policy
+        env, policy = env or self.env, self.policy
         obs, _ = env.reset(seed=seed)
-        latents, log_probs, noises = [obs["x_t"]], [], []
+        latents, log_probs, noises, base_outputs = [obs["x_t"]], [], [], []
         for k in range(env.schedule.num_steps):
             noise = torch.randn(obs["x_t"].shape, generator=env.generator).to(self.device)
-            out = policy.step(obs["x_t"], k, obs["context"], noise=noise)
+            base_output = None
+            if self.record_base_output:  # the frozen base network's prediction, kept so learners need not redo it
+                timestep = env.schedule.timesteps[k].expand(env.num_envs)
+                base_output = policy.base_forward(obs["x_t"], timestep, obs["context"]).float()
+                base_outputs.append(base_output)
+            out = policy.step(obs["x_t"], k, obs["context"], noise=noise, base_output=base_output)
             obs, reward, terminated, _, info = env.step(out.prev_sample)
             latents.append(obs["x_t"])
             log_probs.append(out.log_prob)
@@ -89,6 +104,8 @@ class RolloutWorker:
         assert bool(terminated.all()), "the env must terminate after the schedule's last step"
         n = env.num_envs
         extra = {"noise": torch.stack(noises, dim=1)} if self.record_noise else {}  # [n, T, C, H, W]
+        if self.record_base_output:
+            extra["base_output"] = torch.stack(base_outputs, dim=1)  # [n, T, C, H, W]
         return TensorDict(
             {
                 **extra,
@@ -102,22 +119,26 @@ class RolloutWorker:
             batch_size=[n],
         )
 
-    def collect(self, policy_version: int, seed: int, n: int) -> TensorDict:
+    def collect(self, policy_version: int, seed: int, n: int, env=None) -> TensorDict:
         """`n` trajectories (a multiple of the env batch) from the policy of `policy_version`, on CPU."""
         self._check_version(policy_version)
-        if n % self.env.num_envs:
-            raise ValueError(f"collect(n={n}) must be a multiple of the rollout batch size {self.env.num_envs}")
-        chunks = [self._rollout(derive_seed(seed, chunk)) for chunk in range(n // self.env.num_envs)]
+        env = env or self.env
+        if n % env.num_envs:
+            raise ValueError(f"collect(n={n}) must be a multiple of the rollout batch size {env.num_envs}")
+        chunks = [self._rollout(derive_seed(seed, chunk), env) for chunk in range(n // env.num_envs)]
         return torch.cat(chunks).to("cpu")
 
     def evaluate(self, policy_version: int, seed: int, n: int) -> dict:
-        """Final samples from fixed noise (`seed`), their rewards and the reward's own metrics."""
-        batch = self.collect(policy_version, seed, n)
+        """Final samples from fixed noise (`seed`) in the evaluation env, their rewards and the env's metrics; the
+        images are the samples, or the env's panel (inverse problems: measurement, samples, ground truth)."""
+        batch = self.collect(policy_version, seed, n, self.eval_env)
         images = batch["latents"][:, -1]
         finite = batch["reward_finite"]
-        metrics = {f"eval/{k}": v for k, v in self.env.reward.describe(images.to(self.device)).items()}
+        described = self.eval_env.describe(images.to(self.device), batch["context"].to(self.device))
+        shown = described.pop("panel", images).cpu()
+        metrics = {f"eval/{k}": v for k, v in described.items()}
         metrics["eval/reward_mean"] = batch["reward"][finite].mean().item() if finite.any() else float("nan")
-        return {"images": images, "reward": batch["reward"], "metrics": metrics}
+        return {"images": shown, "reward": batch["reward"], "metrics": metrics}
 
 
 Call = Callable[[list[tuple[Any, str, tuple]]], list[Any]]  # [(worker, method, args)] -> results, in order
