@@ -60,11 +60,28 @@ def toy_setup(num_steps: int, batch: int, cases: MeasurementCases | None = None,
                                                                                                   SCHEDULER_CONFIG))
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     ctx = LearnerContext(policy, policy, optimizer, env, None, torch.Generator().manual_seed(1), torch.device("cpu"))
-    # closed-form posterior per pixel: observed pixels combine prior and measurement, the hole keeps the prior
+    # closed-form posterior per pixel: observed pixels combine the base sampler's own Gaussian marginal N(m_b, v_b)
+    # with the measurement; the hole keeps the base marginal. (DEFT tilts the base sampler's path measure, so its
+    # target is this discretised prior times the likelihood; m_b, v_b -> M, S^2 as the steps get finer.)
+    base_mean, base_variance = discretised_base_marginal(policy)
     observed = operator.mask(truth)[0] > 0
-    variance = torch.where(observed, torch.tensor(1 / (1 / S**2 + 1 / SIGMA_Y**2)), torch.tensor(S**2))
-    mean = torch.where(observed, variance * (M / S**2 + y[0] / SIGMA_Y**2), torch.tensor(M))
+    variance = torch.where(observed, 1 / (1 / base_variance + 1 / SIGMA_Y**2), base_variance)
+    mean = torch.where(observed, variance * (base_mean / base_variance + y[0] / SIGMA_Y**2), base_mean)
     return ctx, cfg, y, mean, variance
+
+
+def discretised_base_marginal(policy: DiffusionPolicy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of x_0 under the base sampler: every DDIM step is affine in x plus Gaussian noise."""
+    mean, variance = torch.tensor(0.0), torch.tensor(1.0)  # x_T ~ N(0, 1)
+    schedule = policy.schedule
+    for k in range(schedule.num_steps):
+        points = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+        eps = policy.base_forward(points, schedule.timesteps[k].expand(2), None)
+        step = ddim_step(eps, points, schedule.alpha_prod[k], schedule.alpha_prod_prev[k], schedule.eta,
+                         noise=torch.zeros_like(points))  # fmt: skip
+        slope, offset = (step.mean[1] - step.mean[0]).item(), step.mean[0].item()
+        mean, variance = slope * mean + offset, slope**2 * variance + step.std[0].item() ** 2
+    return mean, variance
 
 
 @torch.no_grad()
@@ -95,10 +112,11 @@ def check_posterior(policy, y, mean, variance, mean_tolerance, std_ratio_range):
 def test_log_variance_deft_samples_the_gaussian_posterior():
     """VarGrad on the exact Gaussian base model moves samples from the prior to the closed-form posterior.
 
-    Tolerance: with 20 DDIM steps the mean-only control of the discretised sampler is not exactly the posterior
-    (the error shrinks with more steps: 0.05 -> 0.03 from 20 to 50 steps), so the posterior mean must be within
-    0.1 per pixel (the base sampler is ~0.8 off; the posterior std of observed pixels is 0.22) and the
-    per-pixel posterior std within [0.8, 1.15] times the exact one (the prior's is 2.2x in observed pixels).
+    The target is the base sampler's own (discretised) Gaussian marginal times the likelihood. Tolerance: the
+    posterior mean within 0.06 per pixel (the base sampler is ~0.8 off; 2,048 samples give a standard error of
+    ~0.005; measured 0.03) and the per-pixel std within [0.9, 1.2] times the exact one (the prior's is ~2x in
+    observed pixels; measured 1.02-1.12: a control that only shifts the mean of each of 20 steps cannot shrink
+    the variance quite as much as the exact tilt).
     """
     ctx, cfg, y, mean, variance = toy_setup(num_steps=20, batch=256)
     before = sample(ctx.policy, y, 512, 999)["latents"][:, -1]
@@ -106,11 +124,16 @@ def test_log_variance_deft_samples_the_gaussian_posterior():
     for iteration in range(100):
         metrics = deft.log_variance_step(ctx, sample(ctx.policy, y, 256, iteration), cfg)
     assert metrics["loss/log_variance"] < 5.0  # from ~300 at the start: L is nearly constant over samples
-    check_posterior(ctx.policy, y, mean, variance, mean_tolerance=0.1, std_ratio_range=(0.8, 1.15))
+    check_posterior(ctx.policy, y, mean, variance, mean_tolerance=0.06, std_ratio_range=(0.9, 1.2))
 
 
 def test_supervised_deft_samples_the_gaussian_posterior():
-    """Conditional score matching on pairs (x, y = A(x) + noise) from the prior learns the same posterior."""
+    """Conditional score matching on pairs (x, y = A(x) + noise) from the prior learns the same posterior.
+
+    Its target is the continuous-time conditional score, not the tilt of the 20-step sampler, so it sits a little
+    further from the discretised target: mean within 0.1 (measured 0.06), std within [0.7, 1.15] (measured
+    0.77-1.02; the coarse sampler contracts the observed pixels a bit too much).
+    """
     operator = make_operator("inpaint", hole_fraction=0.5)
     prior = M + S * torch.randn((4096, *SHAPE), generator=torch.Generator().manual_seed(5))
     cases = MeasurementCases.make(prior, operator, SIGMA_Y, noise_seed=6)
@@ -118,7 +141,7 @@ def test_supervised_deft_samples_the_gaussian_posterior():
                                             supervised_batch_size=512)  # fmt: skip
     for _ in range(300):
         deft.supervised_step(ctx, cfg)
-    check_posterior(ctx.policy, y, mean, variance, mean_tolerance=0.1, std_ratio_range=(0.8, 1.15))
+    check_posterior(ctx.policy, y, mean, variance, mean_tolerance=0.1, std_ratio_range=(0.7, 1.15))
 
 
 def test_log_density_ratio_is_exact_for_stale_trajectories():
