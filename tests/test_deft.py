@@ -1,6 +1,7 @@
 """DEFT: inverse-problem envs, the h-transform hook, the exact off-policy log-density ratio and, as the oracle,
 posterior sampling on a Gaussian toy whose base model and posterior are known in closed form."""
 
+import json
 from types import SimpleNamespace
 
 import gymnasium
@@ -257,3 +258,45 @@ def test_deft_runs_end_to_end_in_one_process(tiny_model_dir, tmp_path):
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         assert any('"eval/psnr"' in line and '"eval/measurement_error"' in line for line in lines)
         assert (run_dir / "samples" / "epoch_0002.png").exists() and (run_dir / "final" / "policy.safetensors").exists()
+
+
+def test_config_composes_the_measurement_reward_and_matches_the_dataclass():
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from rlft.config import compose, validate
+
+    cfg = compose("config", ["algo=deft", "env=digits_sr"])
+    validate(cfg)
+    assert cfg.reward.name == "measurement" and cfg.reward.sigma_y == cfg.env.sigma_y  # the env's own reward
+    assert compose("config", ["env=digits_inpaint", "reward=digit"]).reward.name == "digit"  # unless told otherwise
+    fields = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(deft.Config)}  # fmt: skip
+    assert {k: v for k, v in OmegaConf.to_container(cfg.algo).items() if k != "name"} == fields
+    with pytest.raises(FileNotFoundError, match="env.base_model=/path/to/model"):
+        validate(compose("config", ["algo=deft", "env=flowers102_sr"]))
+
+
+@pytest.mark.slow
+def test_deft_through_real_ray_with_a_stale_buffer(tiny_model_dir, tmp_path):
+    """`python -m rlft.run algo=deft env=digits_sr` through Ray actors and a Ray Train learner, reusing stale data."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "rlft.run", "algo=deft", "env=digits_sr", f"env.base_model={tiny_model_dir}",
+         f"logging.run_dir={run_dir}", "trainer.epochs=2", "ray.num_cpus=4", "env.num_inference_steps=3",
+         "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16", "trainer.buffer_capacity=32",
+         "trainer.max_staleness=1", "algo.minibatch_size=8", "eval.num_samples=16", "eval.every=1",
+         "ray.torch_threads=1", "logging.wandb=disabled"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in lines if "loss/log_variance" in m]
+    assert [m["buffer/size"] for m in train] == [16.0, 32.0]  # the second epoch also trains on the first's paths
+    assert all("eval/psnr" in m for m in lines if "eval/reward_mean" in m)
