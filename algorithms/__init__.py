@@ -6,7 +6,7 @@
     USES_ROLLOUTS                   False when the learner makes its own samples (no rollout workers, no buffer);
                                     an algorithm whose variants differ defines `uses_rollouts(cfg)` instead
     ROLLOUT_KEYS                    optional per-step entries rollout workers record beyond the latents
-                                    and log-probabilities (e.g. "noise")
+                                    and log-probabilities ("noise"; "base_output": the frozen base network's prediction)
     make_state(cfg)                 the algorithm's own learner-side state (state_dict / load_state_dict)
     prepare(batch, cfg, state)      learner side, when trajectories arrive: -> (batch, metrics)
     update(ctx, cfg, state)         one epoch's update (its own passes over ctx.buffer): -> metrics
