@@ -1,7 +1,7 @@
 """DEFT on 4x super-resolution of HELD-OUT digits: PSNR and measurement error against the base model and DPS.
 
     python benchmarks/deft_digits_sr.py                     # CPU defaults (~10 minutes on a lightly loaded 2-core box)
-    python benchmarks/deft_digits_sr.py --device cuda --epochs 150 --supervised-steps 3000
+    python benchmarks/deft_digits_sr.py --epochs 80 --supervised-steps 3000 --threads 2   # longer training
 
 Every method samples with the same DDIM schedule (env.num_inference_steps, eta = 1) from the same initial
 noise on the same held-out cases (digits never seen by the base model or the h-net):
