@@ -3,13 +3,16 @@
     Config                          a dataclass; its fields are the keys of rlft/conf/algo/<name>.yaml
     REQUIRES_STOCHASTIC_SAMPLER     True when the update needs transition log-probabilities (env.eta > 0)
     REQUIRES_DIFFERENTIABLE_REWARD  True when the update backpropagates through the reward
-    USES_ROLLOUTS                   False when the learner makes its own samples (no rollout workers, no buffer)
+    USES_ROLLOUTS                   False when the learner makes its own samples (no rollout workers, no buffer);
+                                    an algorithm whose variants differ defines `uses_rollouts(cfg)` instead
     GRADIENT_CHECKPOINTING          optional: the default of policy.gradient_checkpointing (False when absent)
     ROLLOUT_KEYS                    optional per-step entries rollout workers record beyond the latents
-                                    and log-probabilities (e.g. "noise")
+                                    and log-probabilities ("noise"; "base_output": the frozen base network's prediction)
     make_state(cfg)                 the algorithm's own learner-side state (state_dict / load_state_dict)
     prepare(batch, cfg, state)      learner side, when trajectories arrive: -> (batch, metrics)
     update(ctx, cfg, state)         one epoch's update (its own passes over ctx.buffer): -> metrics
+    make_correction(cfg, env, scheduler_config)   optional: a trainable module added to the noise prediction of
+                                    the frozen base network (DEFT's h-transform); only its weights train and publish
 
 and a loss as a pure function over a TensorDict batch, with the paper's equation cited. Nothing here imports Ray:
 the same `update` runs in a unit test, a single process and a Ray Train worker.
@@ -57,6 +60,10 @@ class LearnerContext:
 
 def load_algorithm(name: str) -> ModuleType:
     return importlib.import_module(f"algorithms.{name}")
+
+
+def uses_rollouts(module: ModuleType, cfg) -> bool:
+    return module.uses_rollouts(cfg) if hasattr(module, "uses_rollouts") else module.USES_ROLLOUTS
 
 
 def make_config(module: ModuleType, algo_cfg: dict):

@@ -2,8 +2,19 @@
 
 import gymnasium
 
-from envs import reward_models  # noqa: F401  (registers the aesthetic and over50 rewards)
-from envs.tasks import make_ddpm_vector_env, make_digits_env, make_digits_vector_env
+from envs import (
+    inverse,  # noqa: F401  (registers the "measurement" reward)
+    reward_models,  # noqa: F401  (registers the aesthetic and over50 rewards)
+)
+from envs.tasks import (
+    make_ddpm_vector_env,
+    make_digits_env,
+    make_digits_inpaint_env,
+    make_digits_inpaint_vector_env,
+    make_digits_sr_env,
+    make_digits_sr_vector_env,
+    make_digits_vector_env,
+)
 
 gymnasium.register(
     id="rlft/Digits-v0",
@@ -21,4 +32,18 @@ for _id, _model in [("CelebAHQ", "google/ddpm-celebahq-256"), ("Church", "google
         max_episode_steps=None,
     )  # fmt: skip
 
-__all__ = ["make_ddpm_vector_env", "make_digits_env", "make_digits_vector_env"]
+# inverse problems (envs/inverse.py): the context is the measurement y; the reward its log-likelihood
+gymnasium.register(id="rlft/DigitsSR-v0", entry_point=make_digits_sr_env, vector_entry_point=make_digits_sr_vector_env)
+gymnasium.register(
+    id="rlft/DigitsInpaint-v0", entry_point=make_digits_inpaint_env, vector_entry_point=make_digits_inpaint_vector_env
+)
+
+__all__ = [
+    "make_ddpm_vector_env",
+    "make_digits_env",
+    "make_digits_inpaint_env",
+    "make_digits_inpaint_vector_env",
+    "make_digits_sr_env",
+    "make_digits_sr_vector_env",
+    "make_digits_vector_env",
+]

@@ -99,6 +99,11 @@ class DenoisingEnv(gymnasium.vector.VectorEnv):
         truncated = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
         return self._observation(), reward, terminated, truncated, info
 
+    def describe(self, images: torch.Tensor, context: torch.Tensor) -> dict:
+        """Evaluation metrics of final samples: the reward's own here; tasks with ground truth add theirs and may
+        give a `panel` of images to show instead of the samples (envs/inverse.py)."""
+        return self.reward.describe(images)
+
 
 class SingleDenoisingEnv(gymnasium.Env):
     """One-sample, numpy form of `DenoisingEnv`, for Gymnasium's env checker and classic RL tooling."""

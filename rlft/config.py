@@ -73,6 +73,12 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
             group_overrides.append(override)
         else:
             key_overrides.append((key, override))
+    chosen = dict(_split_override(o) for o in group_overrides)
+    if "env" in chosen and "reward" not in chosen:  # an env may name its reward (inverse problems: measurement)
+        default_reward = OmegaConf.load(CONFIG_DIR / "env" / f"{chosen['env']}.yaml").get("default_reward")
+        if default_reward:
+            group_overrides.append(f"reward={default_reward}")
+            overrides = [*overrides, f"reward={default_reward}"]
 
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         base = hydra_compose(config_name=config_name, overrides=group_overrides)
@@ -108,12 +114,13 @@ def _one_of(name: str, value, choices: tuple) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Impossible combinations, caught before Ray starts; each message names the values involved."""
-    from algorithms import load_algorithm, make_config
+    from algorithms import load_algorithm, make_config, uses_rollouts
     from envs.models import check_base_model
     from envs.rewards import make_reward_from_config
 
     t, r, algo = cfg.trainer, cfg.ray, cfg.algo
     module = load_algorithm(algo.name)
+    algo_config = make_config(module, algo)  # the algorithm's own checks (its Config's __post_init__)
     learners, workers = r.num_learners, r.num_rollout_workers
     _require(learners >= 1 and workers >= 1, f"ray.num_learners={learners} and ray.num_rollout_workers={workers} "
              "must both be at least 1")  # fmt: skip
@@ -123,7 +130,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.eval.num_samples % t.rollout_batch_size == 0,
              f"eval.num_samples={cfg.eval.num_samples} must be a multiple of trainer.rollout_batch_size="
              f"{t.rollout_batch_size}")  # fmt: skip
-    if module.USES_ROLLOUTS:  # the collection and buffer sizes only matter to algorithms that train on rollouts
+    if uses_rollouts(module, algo_config):  # collection and buffer sizes matter only to algorithms that use rollouts
         per_worker, remainder = divmod(t.samples_per_epoch, workers)
         batches = max(1, round(t.samples_per_epoch / workers / t.rollout_batch_size))
         _require(remainder == 0 and per_worker % t.rollout_batch_size == 0 and per_worker > 0,
@@ -140,7 +147,10 @@ def validate(cfg: DictConfig) -> None:
     if getattr(module, "REQUIRES_STOCHASTIC_SAMPLER", False):
         _require(cfg.env.eta > 0, f"algo={algo.name} needs log-probabilities of a stochastic sampler, but env.eta="
                  f"{cfg.env.eta}; use env.eta=1.0 (or any value in (0, 1])")  # fmt: skip
-    make_config(module, algo)  # the algorithm's own checks (its Config's __post_init__)
+    if cfg.env.get("dataset") == "flowers102":  # user-supplied model, torchvision and data: say what is missing
+        from envs.flowers import check_flowers102
+
+        check_flowers102(cfg.env.data_root, cfg.env.base_model)
     check_base_model(to_container(cfg.env))  # a missing base model stops the run here, before Ray starts
     reward = make_reward_from_config(to_container(cfg.reward))  # loads reward models: missing ones stop it too
     if getattr(module, "REQUIRES_DIFFERENTIABLE_REWARD", False):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDict
 
-from algorithms import LearnerContext, load_algorithm, make_config
+from algorithms import LearnerContext, load_algorithm, make_config, uses_rollouts
 from rlft.buffer import TrajectoryBuffer
 from rlft.checkpoint import Checkpointer
 from rlft.rollout import RolloutGroup, build_policy, derive_seed, set_torch_threads
@@ -56,7 +56,7 @@ class Learner:
         optimizer = torch.optim.AdamW(trainable, lr=self.algo.lr, weight_decay=self.algo.weight_decay)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
         buffer = None
-        if self.algorithm.USES_ROLLOUTS:
+        if uses_rollouts(self.algorithm, self.algo):
             buffer = TrajectoryBuffer(
                 capacity=cfg["trainer"]["buffer_capacity"] or cfg["trainer"]["samples_per_epoch"] // world_size,
                 minibatch_size=self.algo.minibatch_size,
@@ -161,7 +161,7 @@ def train(cfg: dict, rollouts: RolloutGroup, report: Report, device: torch.devic
     for epoch in range(start_epoch, trainer["epochs"]):
         start = time.perf_counter()
         metrics, batches = {}, []
-        if learner.algorithm.USES_ROLLOUTS:
+        if uses_rollouts(learner.algorithm, learner.algo):
             seed = derive_seed(cfg["seed"], 3, epoch, rank)
             batches = rollouts.collect(learner.policy_version, seed, samples)
             metrics = learner.ingest(batches)

@@ -76,7 +76,10 @@ class DiffusionPolicy(nn.Module):
     `forward` is the network call only, so DDP can wrap the policy; `step` is forward + `ddim_step`.
     """
 
-    def __init__(self, unet: nn.Module, schedule: DDIMSchedule, autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self, unet: nn.Module, schedule: DDIMSchedule, autocast_dtype: torch.dtype | None = None,
+        correction: nn.Module | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.unet = unet
         self.schedule = schedule
@@ -84,6 +87,11 @@ class DiffusionPolicy(nn.Module):
         self.memory_format = torch.contiguous_format
         self.conditional = hasattr(unet.config, "cross_attention_dim") and unet.config.cross_attention_dim
         self.gradient_checkpointing = False  # set by rlft.lora.configure_policy from the `policy:` config
+        # `correction(x_t, timestep, context, base_output)` is added to the noise prediction of a frozen base
+        # network (DEFT's h-transform); then only its weights train and travel to the rollout workers
+        self.correction = correction
+        if correction is not None:
+            self.unet.requires_grad_(False)
 
     def use_channels_last(self) -> None:
         """NHWC layout for the network and its inputs: cuDNN's fast convolution layout for bf16 tensor cores.
@@ -99,7 +107,17 @@ class DiffusionPolicy(nn.Module):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, base_output: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The noise prediction; `base_output` is the base network's, when the caller has it already (DEFT)."""
+        if base_output is None:
+            base_output = self.base_forward(x_t, timestep, context)
+        if self.correction is None:
+            return base_output
+        return base_output.float() + self.correction(x_t, timestep, context, base_output)
+
+    def base_forward(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             # keep only this call's inputs; its activations are recomputed in the backward pass
             return torch.utils.checkpoint.checkpoint(self._network, x_t, timestep, context, use_reentrant=False)
@@ -120,11 +138,12 @@ class DiffusionPolicy(nn.Module):
         noise: torch.Tensor | None = None,
         prev_sample: torch.Tensor | None = None,
         network: nn.Module | None = None,
+        base_output: torch.Tensor | None = None,
     ) -> StepOutput:
         """Sampler step k of the schedule; `network` is this policy or its DDP wrapper (defaults to self)."""
         s = self.schedule
         timestep = s.timesteps[step_index].expand(x_t.shape[0])
-        eps = (network or self)(x_t, timestep, context)
+        eps = (network or self)(x_t, timestep, context, base_output)
         return ddim_step(
             eps, x_t, s.alpha_prod[step_index], s.alpha_prod_prev[step_index], s.eta, noise, prev_sample
         )

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from algorithms import load_algorithm
+from algorithms import load_algorithm, make_config
 from envs.models import is_stable_diffusion
-from envs.tasks import make_env
+from envs.tasks import is_inverse_problem, make_inverse_env, make_task_env
 from rlft.lora import configure_policy
 from rlft.policy import DiffusionPolicy, load_base_model
 
@@ -45,12 +45,16 @@ def set_torch_threads(cfg: dict, role: str) -> None:
 
 
 def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]:
-    """The base model as a policy, plus a batched env of `rollout_batch_size` samples sharing its schedule."""
+    """The base model as a policy, plus a batched env of `rollout_batch_size` samples sharing its schedule.
+
+    An algorithm with `make_correction` (DEFT) adds its trainable module to the frozen base network."""
     reward = cfg["reward"]
     if reward.get("remote"):  # scores come from the run's reward actor (rlft.remote_reward)
         from rlft.remote_reward import remote_reward
 
         reward = remote_reward(reward)
+    algorithm = load_algorithm(cfg["algo"]["name"])
+    correction = None
     if is_stable_diffusion(cfg["env"]):  # the guided UNet2DConditionModel; prompts and the VAE live in the env
         from rlft.stable_diffusion import build_sd_policy
 
@@ -58,24 +62,30 @@ def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]
     else:
         unet, scheduler_config = load_base_model(cfg["env"]["base_model"])
         sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        env = make_env(
-            num_envs=cfg["trainer"]["rollout_batch_size"],
-            sample_shape=sample_shape,
-            scheduler_config=scheduler_config,
-            num_inference_steps=cfg["env"]["num_inference_steps"],
-            eta=cfg["env"]["eta"],
-            reward=reward,
-            device=device,
+        env = make_task_env(
+            cfg["env"], reward, cfg["trainer"]["rollout_batch_size"], sample_shape, scheduler_config, device=device
         )
+        if hasattr(algorithm, "make_correction"):
+            correction = algorithm.make_correction(make_config(algorithm, cfg["algo"]), env, scheduler_config)
     fast = cfg["policy"]
-    policy = DiffusionPolicy(unet.to(device), env.schedule, autocast_dtype=NETWORK_DTYPES[fast["dtype"]])
-    checkpointing_default = getattr(load_algorithm(cfg["algo"]["name"]), "GRADIENT_CHECKPOINTING", False)
+    policy = DiffusionPolicy(
+        unet.to(device), env.schedule, autocast_dtype=NETWORK_DTYPES[fast["dtype"]], correction=correction
+    )
+    checkpointing_default = getattr(algorithm, "GRADIENT_CHECKPOINTING", False)
     policy = configure_policy(policy, fast, checkpointing_default).to(device)  # LoRA, gradient checkpointing
     if fast["channels_last"]:
         policy.use_channels_last()
     if fast["compile"]:
         policy.compile_network()
     return policy, env
+
+
+def build_eval_env(cfg: dict, env):
+    """The env evaluations run in: for inverse problems the held-out cases in a fixed order, else `env` itself."""
+    if not is_inverse_problem(cfg["env"]):
+        return env
+    return make_inverse_env(env.num_envs, env.sample_shape, env.schedule, cfg["env"], cfg["reward"], evaluation=True,
+                            device=env.device)  # fmt: skip
 
 
 class RolloutWorker:
@@ -86,12 +96,14 @@ class RolloutWorker:
         self.worker_index = worker_index
         self.cfg = cfg
         self.policy, self.env = build_policy(cfg, self.device)
+        self.eval_env = build_eval_env(cfg, self.env)
         self.policy.eval().requires_grad_(False)
         self.policy_version = 0
         algorithm = load_algorithm(cfg["algo"]["name"])
         self.record_noise = "noise" in getattr(algorithm, "ROLLOUT_KEYS", ())
         # optional algorithm hook on each rollout batch, e.g. adjoint_matching's lean adjoints
         self.postprocess = getattr(algorithm, "postprocess_rollout", None)
+        self.record_base_output = "base_output" in getattr(algorithm, "ROLLOUT_KEYS", ())
 
     def set_weights(self, weights: dict[str, torch.Tensor], policy_version: int) -> None:
         self.policy.load_trainable_state_dict(weights)
@@ -105,14 +117,19 @@ class RolloutWorker:
             )
 
     @torch.no_grad()
-    def _rollout(self, seed: int) -> TensorDict:
+    def _rollout(self, seed: int, env=None) -> TensorDict:
         """One env batch: reset with `seed`, denoise all steps, return the trajectories."""
-        env, policy = self.env, self.policy
+        env, policy = env or self.env, self.policy
         obs, _ = env.reset(seed=seed)
-        latents, log_probs, noises = [obs["x_t"]], [], []
+        latents, log_probs, noises, base_outputs = [obs["x_t"]], [], [], []
         for k in range(env.schedule.num_steps):
             noise = torch.randn(obs["x_t"].shape, generator=env.generator).to(self.device)
-            out = policy.step(obs["x_t"], k, obs["context"], noise=noise)
+            base_output = None
+            if self.record_base_output:  # the frozen base network's prediction, kept so learners need not redo it
+                timestep = env.schedule.timesteps[k].expand(env.num_envs)
+                base_output = policy.base_forward(obs["x_t"], timestep, obs["context"]).float()
+                base_outputs.append(base_output)
+            out = policy.step(obs["x_t"], k, obs["context"], noise=noise, base_output=base_output)
             obs, reward, terminated, _, info = env.step(out.prev_sample)
             latents.append(obs["x_t"])
             log_probs.append(out.log_prob)
@@ -120,6 +137,8 @@ class RolloutWorker:
         assert bool(terminated.all()), "the env must terminate after the schedule's last step"
         n = env.num_envs
         extra = {"noise": torch.stack(noises, dim=1)} if self.record_noise else {}  # [n, T, C, H, W]
+        if self.record_base_output:
+            extra["base_output"] = torch.stack(base_outputs, dim=1)  # [n, T, C, H, W]
         return TensorDict(
             {
                 **extra,
@@ -134,33 +153,40 @@ class RolloutWorker:
         )
 
     def collect(
-        self, policy_version: int, seed: int, n: int, published: Published | None = None, postprocess: bool = True
-    ) -> TensorDict:
+        self, policy_version: int, seed: int, n: int, published: Published | None = None, postprocess: bool = True,
+        env=None,
+    ) -> TensorDict:  # fmt: skip
         """`n` trajectories (a multiple of the env batch) from the policy of `policy_version`, on CPU; the
         algorithm's `postprocess_rollout(worker, batch, cfg)` runs on each chunk unless `postprocess` is false.
 
         `published` is where the current weights can be fetched: a worker restarted after a crash (which
         comes back with the base weights) loads them before it collects, so a retried call gives the same batch.
+        `env` is the training env unless given (evaluations use the evaluation env).
         """
         if published is not None and self.policy_version != policy_version == published.policy_version:
             self.set_weights(published.fetch(), policy_version)
         self._check_version(policy_version)
-        if n % self.env.num_envs:
-            raise ValueError(f"collect(n={n}) must be a multiple of the rollout batch size {self.env.num_envs}")
-        chunks = [self._rollout(derive_seed(seed, chunk)) for chunk in range(n // self.env.num_envs)]
+        env = env or self.env
+        if n % env.num_envs:
+            raise ValueError(f"collect(n={n}) must be a multiple of the rollout batch size {env.num_envs}")
+        chunks = [self._rollout(derive_seed(seed, chunk), env) for chunk in range(n // env.num_envs)]
         if postprocess and self.postprocess is not None:
             chunks = [self.postprocess(self, chunk, self.cfg) for chunk in chunks]
         return torch.cat(chunks).to("cpu")
 
     def evaluate(self, policy_version: int, seed: int, n: int) -> dict:
-        """Final samples from fixed noise (`seed`), their rewards and the reward's own metrics."""
-        batch = self.collect(policy_version, seed, n, postprocess=False)
+        """Final samples from fixed noise (`seed`) in the evaluation env, their rewards and the env's metrics; the
+        images are the samples, or the env's panel (inverse problems: measurement, samples, ground truth)."""
+        batch = self.collect(policy_version, seed, n, postprocess=False, env=self.eval_env)
         with torch.no_grad():  # latent models decode x_0 to the images the reward saw
-            images = torch.cat([self.env.decode(x.to(self.device)).cpu() for x in batch["latents"][:, -1].split(8)])
+            final = batch["latents"][:, -1].split(8)
+            images = torch.cat([self.eval_env.decode(x.to(self.device)).cpu() for x in final])
         finite = batch["reward_finite"]
-        metrics = {f"eval/{k}": v for k, v in self.env.reward.describe(images.to(self.device)).items()}
+        described = self.eval_env.describe(images.to(self.device), batch["context"].to(self.device))
+        shown = described.pop("panel", images).cpu()
+        metrics = {f"eval/{k}": v for k, v in described.items()}
         metrics["eval/reward_mean"] = batch["reward"][finite].mean().item() if finite.any() else float("nan")
-        return {"images": images, "reward": batch["reward"], "metrics": metrics}
+        return {"images": shown, "reward": batch["reward"], "metrics": metrics}
 
 
 @dataclass

@@ -1,0 +1,283 @@
+"""DEFT: fine-tuning a frozen diffusion model for an inverse problem by learning a small h-transform network.
+
+Denker et al. 2024, "DEFT: Efficient Fine-Tuning of Diffusion Models by Learning the Generalised h-Transform"
+(arXiv 2406.01781). The base noise prediction eps_theta stays frozen; the policy predicts eps_theta + h_phi, and
+only the small h-net h_phi trains. Its target is the posterior p(x_0 | y) ~ p_base(x_0) p(y | x_0), with
+log p(y | x_0) the env's reward (the measurement log-likelihood -|A(x_0) - y|^2 / (2 sigma_y^2) for envs/inverse.py).
+
+Two variants (`variant`):
+- "log_variance" (appendix G.3): VarGrad on trajectories from the replay buffer. In each stochastic DDIM step
+  x_{k+1} = mean_k + sigma_k z_k, adding h moves the mean by sigma_k u_k; per trajectory the log Radon-Nikodym
+  derivative of the h-process Q against the base P, minus the log-likelihood, is
+
+      L = sum_k [ -1/2 |u_k|^2 + <u^b_k, u_k> + <u_k, z_k> ] - log p(y | x_0)
+
+  with u^b_k the control of the policy that made the trajectory (recovered from the stored noise z_k: the base
+  increment (x_{k+1} - mean^base_k) / sigma_k equals u^b_k + z_k). At the optimum Q is the posterior path measure
+  and L is the same constant (-log Z) for every trajectory, so the loss is the batch variance of L. The path is
+  detached and L is its exact log-density ratio whatever policy made it, so stale buffers give valid gradients
+  (Nusken & Richter 2021; Richter et al. 2020, VarGrad). The reference tricks: drop samples whose L exceeds
+  `loss_threshold`, and backpropagate through a random `timestep_fraction` of the steps plus the last
+  `always_train_last` stochastic steps (the others enter L without gradient).
+- "supervised" (sec. 4.1): conditional denoising score matching on pairs (x, y = A(x) + noise) of the env's
+  training cases, |eps_theta(x_t, t) + h_phi(x_t, t, y) - eps|^2, with no sampling at all.
+
+The h-net sees x_t, the Tweedie estimate x0_hat = (x_t - sqrt(1 - a_t) eps_theta) / sqrt(a_t) and the likelihood
+gradient g = grad_x log p(y | x) at x0_hat (scaled to unit RMS), and adds a learned per-step multiple of g itself:
+h = body([x_t, x0_hat, g / rms(g)], t) + s_t g, with the body's last layer and s_t zero at the start (h = 0: the
+base model). h is zero on deterministic steps (the last DDIM step onto alpha-bar = 1), where a path density has
+no room for a control.
+
+Batch schema (log_variance; from `rlft.rollout` with ROLLOUT_KEYS = ("noise", "base_output")):
+    latents      [B, T+1, C, H, W]   x_T ... x_0
+    noise        [B, T, C, H, W]     z_k of each step of the policy that sampled the trajectory
+    base_output  [B, T, C, H, W]     eps_theta(x_k, t_k) of the frozen base network
+    context   [B, *m]             the measurement y
+    reward    [B]                 log p(y | x_0) (up to a constant, which the variance ignores)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+from algorithms import LearnerContext
+from rlft.policy import ddim_step
+
+REQUIRES_STOCHASTIC_SAMPLER = True  # the path density ratio needs transition densities (env.eta > 0)
+REQUIRES_DIFFERENTIABLE_REWARD = True  # the h-net sees the gradient of log p(y | x) (the reward) at x0_hat
+# the step noises z_k give the behaviour policy's control (off-policy loss); the base network's predictions are
+# stored too, so passes over the buffer run only the small h-net
+ROLLOUT_KEYS = ("noise", "base_output")
+VARIANTS = ("log_variance", "supervised")
+
+
+@dataclass
+class DEFTConfig:
+    variant: str = "log_variance"  # "log_variance" (VarGrad on buffered trajectories) or "supervised" (pairs)
+    lr: float = 1e-3  # AdamW learning rate of the h-net
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm) before each optimizer step
+    minibatch_size: int = 32  # trajectories per optimizer step (the variance is taken over them)
+    passes: int = 2  # passes over the buffer per epoch (valid off-policy, so reuse is sound)
+    timestep_fraction: float = 0.2  # random share of the stochastic steps that get gradients (per minibatch)
+    always_train_last: int = 2  # the last stochastic steps always get gradients
+    loss_threshold: float = 1.0e5  # samples whose L exceeds this are left out of the variance (reference trick)
+    min_kept_fraction: float = 0.3  # skip the optimizer step when fewer samples than this share survive
+    hnet_channels: list[int] = field(default_factory=lambda: [8, 16])  # h-net UNet levels; [] = s_t g only
+    supervised_steps: int = 20  # supervised variant: optimizer steps per epoch
+    supervised_batch_size: int = 64  # supervised variant: (x, y, t) triples per optimizer step
+
+
+def uses_rollouts(cfg: DEFTConfig) -> bool:
+    return cfg.variant == "log_variance"  # the supervised variant trains on the env's pairs, without sampling
+
+
+# ---- the h-transform network ----
+class HTransform(nn.Module):
+    """h(x_t, t, y) = body([x_t, x0_hat, g / rms(g)], t) + s_t g, with g = grad_x log p(y | x) at x0_hat."""
+
+    def __init__(self, sample_shape, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, stochastic: torch.Tensor,
+                 log_likelihood, channels: list[int]):  # fmt: skip
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        c, size, _ = sample_shape
+        self.body = None  # no channels: h = s_t g alone, a learned step size on the likelihood gradient
+        if channels:
+            self.body = UNet2DModel(
+                sample_size=size, in_channels=3 * c, out_channels=c, layers_per_block=1,
+                block_out_channels=tuple(channels), down_block_types=("DownBlock2D",) * len(channels),
+                up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=min(8, channels[0]),
+            )  # fmt: skip
+            nn.init.zeros_(self.body.conv_out.weight)
+            nn.init.zeros_(self.body.conv_out.bias)
+        self.guidance_scale = nn.Parameter(torch.zeros(len(timesteps)))  # s_t, one per sampler step
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)  # [num_train_timesteps]
+        self.register_buffer("timesteps", timesteps.long(), persistent=False)  # [T] the sampler's timesteps
+        self.register_buffer("stochastic", stochastic.float(), persistent=False)  # [T] 1 where std > 0
+        self.log_likelihood = log_likelihood  # (x [B, C, H, W], y [B, *m]) -> [B], differentiable in x
+
+    def likelihood_gradient(self, x0_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x0_hat.detach().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(self.log_likelihood(x, y).sum(), x)
+        return gradient
+
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, base_output: torch.Tensor):
+        step = (timestep.view(-1, 1) == self.timesteps.view(1, -1)).float().argmax(1)  # [B] sampler step index
+        if not bool((self.timesteps[step] == timestep).all()):
+            raise ValueError("the h-net was built for the sampler's timesteps; got a timestep outside the schedule")
+        a_t = self.alphas_cumprod[timestep].view(-1, 1, 1, 1)
+        x_t, eps = x_t.float(), base_output.detach().float()
+        x0_hat = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Tweedie's estimate under the base model
+        gradient = self.likelihood_gradient(x0_hat, context)
+        h = self.guidance_scale[step].view(-1, 1, 1, 1) * gradient
+        if self.body is not None:
+            rms = gradient.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1)
+            h = h + self.body(torch.cat([x_t, x0_hat, gradient / (rms + 1e-8)], dim=1), timestep).sample
+        return h * self.stochastic[step].view(-1, 1, 1, 1)
+
+
+def make_correction(cfg: DEFTConfig, env, scheduler_config: dict) -> HTransform:
+    """The h-net for `env` (called by rlft.rollout.build_policy on learners and rollout workers alike)."""
+    from diffusers import DDPMScheduler
+
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"algo.variant={cfg.variant!r} is not one of {', '.join(VARIANTS)}")
+    if cfg.variant == "supervised" and not hasattr(env, "cases"):
+        raise ValueError("algo.variant=supervised trains on (x, y) pairs of an inverse-problem env; use "
+                         "env=digits_sr or env=digits_inpaint, or algo.variant=log_variance")  # fmt: skip
+    alphas_cumprod = DDPMScheduler.from_config(dict(scheduler_config)).alphas_cumprod
+    stochastic = torch.zeros(env.schedule.num_steps)
+    stochastic[env.schedule.stochastic_steps.cpu()] = 1.0
+    reward = env.reward.fn
+    return HTransform(env.sample_shape, alphas_cumprod, env.schedule.timesteps.cpu(), stochastic, reward,
+                      cfg.hnet_channels)  # fmt: skip
+
+
+# ---- the losses ----
+def log_variance_loss(
+    control: torch.Tensor, behaviour_control: torch.Tensor, noise: torch.Tensor, log_likelihood: torch.Tensor,
+    loss_threshold: float = float("inf"),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """VarGrad loss of DEFT (Denker et al. 2024, app. G.3, eq. for log dQ/dP) over one batch of detached paths.
+
+    control, behaviour_control, noise: [B, K, D] per stochastic step (u_k, u^b_k, z_k); log_likelihood: [B].
+        L_i = sum_k (-1/2 |u_k|^2 + <u^b_k, u_k> + <u_k, z_k>) - log p(y | x_0)
+        loss = Var_i(L_i) over the samples with L_i <= loss_threshold
+    Returns the loss and per-sample values (`objective` [B] and the `kept` mask [B]).
+    """
+    log_rnd = (-0.5 * control.pow(2) + behaviour_control * control + control * noise).sum(dim=(1, 2))  # [B]
+    objective = log_rnd - log_likelihood
+    kept = objective.detach() <= loss_threshold
+    loss = objective[kept].var() if int(kept.sum()) > 1 else objective.sum() * 0.0
+    return loss, {"objective": objective.detach(), "kept": kept, "log_rnd": log_rnd.detach()}
+
+
+def supervised_loss(prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Conditional denoising score matching (DEFT sec. 4.1): E |eps_theta + h_phi - eps|^2 (mean per dimension)."""
+    return (prediction.float() - noise.float()).pow(2).mean()
+
+
+# ---- the updates ----
+def optimizer_step(ctx: LearnerContext, cfg: DEFTConfig) -> float:
+    """Average the h-net's gradients over learner replicas, clip, step; returns the gradient norm.
+
+    The log-variance loss sums over all steps of a path before one backward, which DDP's one-forward-one-backward
+    hooks do not allow, so the updates call the unwrapped policy and all-reduce the (small) h-net gradients here.
+    """
+    parameters = [p for p in ctx.policy.correction.parameters() if p.grad is not None]
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+
+        for p in parameters:
+            dist.all_reduce(p.grad)
+            p.grad /= ctx.world_size
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm).item()
+    ctx.optimizer.step()
+    return grad_norm
+
+
+def controls(ctx: LearnerContext, batch: TensorDict, train_steps: set[int]) -> tuple[torch.Tensor, ...]:
+    """u_k (with gradients on `train_steps`), u^b_k and z_k for every stochastic step: each [B, K, D]."""
+    policy, schedule = ctx.policy, ctx.policy.schedule
+    latents, context = batch["latents"], batch["context"]
+    control, behaviour, noises = [], [], []
+    for k in schedule.stochastic_steps.tolist():
+        x_t, x_next = latents[:, k], latents[:, k + 1]
+        timestep = schedule.timesteps[k].expand(x_t.shape[0])
+        alphas = (schedule.alpha_prod[k], schedule.alpha_prod_prev[k], schedule.eta)
+        base_eps = batch["base_output"][:, k].float()
+        base = ddim_step(base_eps, x_t, *alphas, prev_sample=x_next)
+        with torch.set_grad_enabled(k in train_steps):
+            eps = policy(x_t, timestep, context, base_output=base_eps)
+            mean = ddim_step(eps, x_t, *alphas, prev_sample=x_next).mean
+        std = base.std
+        control.append(((mean - base.mean) / std).flatten(1))  # u_k: the mean shift in units of the step noise
+        behaviour.append(((x_next.float() - base.mean) / std - batch["noise"][:, k].float()).flatten(1))  # u^b_k
+        noises.append(batch["noise"][:, k].float().flatten(1))
+    return torch.stack(control, 1), torch.stack(behaviour, 1), torch.stack(noises, 1)
+
+
+def log_variance_step(ctx: LearnerContext, batch: TensorDict, cfg: DEFTConfig) -> dict[str, float]:
+    steps = ctx.policy.schedule.stochastic_steps.tolist()
+    num_random = round(cfg.timestep_fraction * len(steps))
+    order = torch.randperm(len(steps), generator=ctx.generator).tolist()
+    train_steps = {steps[i] for i in order[:num_random]} | set(steps[len(steps) - cfg.always_train_last :])
+    control, behaviour, noise = controls(ctx, batch, train_steps)
+    loss, info = log_variance_loss(control, behaviour, noise, batch["reward"].float(), cfg.loss_threshold)
+    kept_fraction = info["kept"].float().mean().item()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    stepped = kept_fraction >= cfg.min_kept_fraction
+    if stepped:
+        loss.backward()
+        grad_norm = optimizer_step(ctx, cfg)
+    # importance weights of the stored paths under the current policy against the one that sampled them:
+    # log w = sum_k log N(z_k - (u_k - u^b_k)) - log N(z_k); their effective sample size measures staleness
+    shift = (control.detach() - behaviour)
+    log_w = (-0.5 * (noise - shift).pow(2) + 0.5 * noise.pow(2)).sum(dim=(1, 2))
+    weights = torch.softmax(log_w, 0)
+    return {
+        "loss/log_variance": loss.item(),
+        "deft/objective_mean": info["objective"].mean().item(),  # estimates -log Z when the loss is small
+        "deft/control_energy": 0.5 * control.detach().pow(2).sum(dim=(1, 2)).mean().item(),
+        "deft/kept_fraction": kept_fraction,
+        "deft/buffer_ess_fraction": (1.0 / weights.pow(2).sum()).item() / len(weights),
+        "deft/skipped_steps": float(not stepped),
+        "train/grad_norm": grad_norm if stepped else 0.0,
+    }
+
+
+def supervised_step(ctx: LearnerContext, cfg: DEFTConfig) -> dict[str, float]:
+    policy, schedule, cases = ctx.policy, ctx.policy.schedule, ctx.env.cases
+    n = cfg.supervised_batch_size
+    rows = torch.randint(len(cases), (n,), generator=ctx.generator)
+    x0, y = cases.images[rows].to(ctx.device), cases.measurements[rows].to(ctx.device)
+    steps = schedule.stochastic_steps.cpu()
+    k = steps[torch.randint(len(steps), (n,), generator=ctx.generator)].to(ctx.device)
+    timestep = schedule.timesteps[k]
+    a_t = schedule.alpha_prod[k].view(-1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=ctx.generator).to(ctx.device)
+    x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
+    with torch.no_grad():
+        base_eps = policy.base_forward(x_t, timestep, y).float()
+    loss = supervised_loss(policy(x_t, timestep, y, base_output=base_eps), noise)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return {"loss/score_matching": loss.item(), "train/grad_norm": optimizer_step(ctx, cfg)}
+
+
+# ---- the learner-side interface (see algorithms/__init__.py) ----
+Config = DEFTConfig
+
+
+def make_state(cfg: DEFTConfig) -> dict:
+    return {}  # nothing beyond the h-net and its optimizer
+
+
+def prepare(batch: TensorDict, cfg: DEFTConfig, state: dict) -> tuple[TensorDict, dict]:
+    return batch, {}
+
+
+def update(ctx: LearnerContext, cfg: DEFTConfig, state: dict) -> dict[str, float]:
+    """log_variance: `passes` reshuffled passes over the buffer (stale trajectories included); supervised:
+    `supervised_steps` optimizer steps on fresh (x, y, t) triples."""
+    totals: dict[str, float] = defaultdict(float)
+    steps = 0
+    if cfg.variant == "supervised":
+        for _ in range(cfg.supervised_steps):
+            for key, value in supervised_step(ctx, cfg).items():
+                totals[key] += value
+            steps += 1
+    else:
+        for _ in range(cfg.passes):
+            for minibatch in ctx.minibatches():
+                for key, value in log_variance_step(ctx, minibatch, cfg).items():
+                    totals[key] += value
+                steps += 1
+    return {**{key: value / max(1, steps) for key, value in totals.items()}, "train/optimizer_steps": float(steps)}

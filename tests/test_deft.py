@@ -1,0 +1,302 @@
+"""DEFT: inverse-problem envs, the h-transform hook, the exact off-policy log-density ratio and, as the oracle,
+posterior sampling on a Gaussian toy whose base model and posterior are known in closed form."""
+
+import json
+from types import SimpleNamespace
+
+import gymnasium
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from gymnasium.utils.env_checker import check_env
+from tensordict import TensorDict
+from torch import nn
+
+from algorithms import LearnerContext, deft
+from envs.denoising import DenoisingEnv
+from envs.digits import load_digits
+from envs.inverse import InverseProblemEnv, MeasurementCases, SuperResolution, make_operator
+from envs.rewards import make_reward
+from envs.schedule import DDIMSchedule
+from rlft.learner import Learner
+from rlft.policy import DiffusionPolicy, ddim_step
+from rlft.rollout import RolloutWorker
+from tests.helpers import tiny_cfg
+
+# ---- the Gaussian toy: data N(M, S^2) per pixel, so the exact noise prediction is known at every t ----
+M, S, SIGMA_Y, SHAPE = 0.3, 0.5, 0.25, (1, 4, 4)
+SCHEDULER_CONFIG = dict(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").config)
+
+
+class GaussianNoisePrediction(nn.Module):
+    """eps*(x_t, t) = E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) M) / (a S^2 + 1 - a), the exact base model."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace()  # an unconditional "UNet" for DiffusionPolicy
+        self.register_buffer("alphas", DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod)
+        self.unused = nn.Parameter(torch.zeros(1))  # frozen like any base network
+
+    def forward(self, x_t, timestep):
+        a = self.alphas[timestep].view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=(1 - a).sqrt() * (x_t - a.sqrt() * M) / (a * S**2 + 1 - a))
+
+
+def toy_setup(num_steps: int, batch: int, cases: MeasurementCases | None = None, **cfg_kwargs):
+    """Inpainting of the central 2x2 of a 4x4 Gaussian 'image' with noise SIGMA_Y; one fixed measurement y."""
+    operator = make_operator("inpaint", hole_fraction=0.5)
+    generator = torch.Generator().manual_seed(0)
+    truth = M + S * torch.randn((1, *SHAPE), generator=generator)
+    y = operator(truth + SIGMA_Y * torch.randn((1, *SHAPE), generator=generator))
+    schedule = DDIMSchedule.from_scheduler_config(SCHEDULER_CONFIG, num_steps, eta=1.0)
+    reward = make_reward("measurement", operator="inpaint", hole_fraction=0.5, sigma_y=SIGMA_Y)
+    if cases is None:
+        env = DenoisingEnv(batch, SHAPE, schedule, reward, context_sampler=lambda n, g: y.expand(n, *SHAPE).clone(),
+                           context_shape=SHAPE)  # fmt: skip
+    else:
+        env = InverseProblemEnv(batch, SHAPE, schedule, reward, operator=operator, sigma_y=SIGMA_Y, cases=cases)
+    cfg = deft.DEFTConfig(**{"hnet_channels": [], "lr": 1e-2, **cfg_kwargs})
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(GaussianNoisePrediction(), schedule, correction=deft.make_correction(cfg, env,
+                                                                                                  SCHEDULER_CONFIG))
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    ctx = LearnerContext(policy, policy, optimizer, env, None, torch.Generator().manual_seed(1), torch.device("cpu"))
+    # closed-form posterior per pixel: observed pixels combine the base sampler's own Gaussian marginal N(m_b, v_b)
+    # with the measurement; the hole keeps the base marginal. (DEFT tilts the base sampler's path measure, so its
+    # target is this discretised prior times the likelihood; m_b, v_b -> M, S^2 as the steps get finer.)
+    base_mean, base_variance = discretised_base_marginal(policy)
+    observed = operator.mask(truth)[0] > 0
+    variance = torch.where(observed, 1 / (1 / base_variance + 1 / SIGMA_Y**2), base_variance)
+    mean = torch.where(observed, variance * (base_mean / base_variance + y[0] / SIGMA_Y**2), base_mean)
+    return ctx, cfg, y, mean, variance
+
+
+def discretised_base_marginal(policy: DiffusionPolicy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of x_0 under the base sampler: every DDIM step is affine in x plus Gaussian noise."""
+    mean, variance = torch.tensor(0.0), torch.tensor(1.0)  # x_T ~ N(0, 1)
+    schedule = policy.schedule
+    for k in range(schedule.num_steps):
+        points = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+        eps = policy.base_forward(points, schedule.timesteps[k].expand(2), None)
+        step = ddim_step(eps, points, schedule.alpha_prod[k], schedule.alpha_prod_prev[k], schedule.eta,
+                         noise=torch.zeros_like(points))  # fmt: skip
+        slope, offset = (step.mean[1] - step.mean[0]).item(), step.mean[0].item()
+        mean, variance = slope * mean + offset, slope**2 * variance + step.std[0].item() ** 2
+    return mean, variance
+
+
+@torch.no_grad()
+def sample(policy: DiffusionPolicy, y: torch.Tensor, batch: int, seed: int) -> TensorDict:
+    """Trajectories as rollout workers record them (latents, step noises, base predictions, reward)."""
+    schedule, generator = policy.schedule, torch.Generator().manual_seed(seed)
+    x, context = torch.randn((batch, *SHAPE), generator=generator), y.expand(batch, *SHAPE).clone()
+    latents, noises, bases = [x], [], []
+    for k in range(schedule.num_steps):
+        base = policy.base_forward(x, schedule.timesteps[k].expand(batch), context).float()
+        noise = torch.randn(x.shape, generator=generator)
+        x = policy.step(x, k, context, noise=noise, base_output=base).prev_sample
+        latents.append(x), noises.append(noise), bases.append(base)
+    reward = make_reward("measurement", operator="inpaint", hole_fraction=0.5, sigma_y=SIGMA_Y).fn(x, context)
+    return TensorDict({"latents": torch.stack(latents, 1), "noise": torch.stack(noises, 1),
+                       "base_output": torch.stack(bases, 1), "context": context, "reward": reward}, batch_size=[batch])
+
+
+def check_posterior(policy, y, mean, variance, mean_tolerance, std_ratio_range):
+    x0 = torch.cat([sample(policy, y, 512, 1000 + i)["latents"][:, -1] for i in range(4)])  # 2,048 samples
+    mean_error = (x0.mean(0) - mean).abs().max().item()
+    std_ratio = (x0.var(0) / variance).sqrt()
+    assert mean_error < mean_tolerance, f"posterior mean off by {mean_error:.3f}"
+    low, high = std_ratio_range
+    assert low < std_ratio.min().item() and std_ratio.max().item() < high, f"std ratios {std_ratio.flatten()}"
+
+
+def test_log_variance_deft_samples_the_gaussian_posterior():
+    """VarGrad on the exact Gaussian base model moves samples from the prior to the closed-form posterior.
+
+    The target is the base sampler's own (discretised) Gaussian marginal times the likelihood. Tolerance: the
+    posterior mean within 0.06 per pixel (the base sampler is ~0.8 off; 2,048 samples give a standard error of
+    ~0.005; measured 0.03) and the per-pixel std within [0.9, 1.2] times the exact one (the prior's is ~2x in
+    observed pixels; measured 1.02-1.12: a control that only shifts the mean of each of 20 steps cannot shrink
+    the variance quite as much as the exact tilt).
+    """
+    ctx, cfg, y, mean, variance = toy_setup(num_steps=20, batch=256)
+    before = sample(ctx.policy, y, 512, 999)["latents"][:, -1]
+    assert (before.mean(0) - mean).abs().max() > 0.5  # the base model alone ignores y
+    for iteration in range(100):
+        metrics = deft.log_variance_step(ctx, sample(ctx.policy, y, 256, iteration), cfg)
+    assert metrics["loss/log_variance"] < 5.0  # from ~300 at the start: L is nearly constant over samples
+    check_posterior(ctx.policy, y, mean, variance, mean_tolerance=0.06, std_ratio_range=(0.9, 1.2))
+
+
+def test_supervised_deft_samples_the_gaussian_posterior():
+    """Conditional score matching on pairs (x, y = A(x) + noise) from the prior learns the same posterior.
+
+    Its target is the continuous-time conditional score, not the tilt of the 20-step sampler, so it sits a little
+    further from the discretised target: mean within 0.1 (measured 0.06), std within [0.7, 1.15] (measured
+    0.77-1.02; the coarse sampler contracts the observed pixels a bit too much).
+    """
+    operator = make_operator("inpaint", hole_fraction=0.5)
+    prior = M + S * torch.randn((4096, *SHAPE), generator=torch.Generator().manual_seed(5))
+    cases = MeasurementCases.make(prior, operator, SIGMA_Y, noise_seed=6)
+    ctx, cfg, y, mean, variance = toy_setup(num_steps=20, batch=256, cases=cases, variant="supervised",
+                                            supervised_batch_size=512)  # fmt: skip
+    for _ in range(300):
+        deft.supervised_step(ctx, cfg)
+    check_posterior(ctx.policy, y, mean, variance, mean_tolerance=0.1, std_ratio_range=(0.7, 1.15))
+
+
+def test_log_density_ratio_is_exact_for_stale_trajectories():
+    """L's path term equals sum_k log N(x_k+1; mean^h) - log N(x_k+1; mean^base) on a path that another h made."""
+    ctx, cfg, y, _, _ = toy_setup(num_steps=6, batch=8)
+    scales = ctx.policy.correction.guidance_scale
+    with torch.no_grad():
+        scales.copy_(torch.linspace(-0.05, 0.02, len(scales)))
+    batch = sample(ctx.policy, y, 8, seed=3)  # the behaviour policy
+    with torch.no_grad():
+        scales.copy_(torch.linspace(0.03, -0.08, len(scales)))  # the current policy differs
+    control, behaviour, noise = deft.controls(ctx, batch, train_steps=set())
+    _, info = deft.log_variance_loss(control, behaviour, noise, batch["reward"])
+    expected = torch.zeros(8)
+    dims = torch.tensor(SHAPE).prod()
+    for k in ctx.policy.schedule.stochastic_steps.tolist():
+        x_t, x_next, base = batch["latents"][:, k], batch["latents"][:, k + 1], batch["base_output"][:, k]
+        with torch.no_grad():
+            fine = ctx.policy.step(x_t, k, batch["context"], prev_sample=x_next, base_output=base).log_prob
+            s = ctx.policy.schedule
+            plain = ddim_step(base, x_t, s.alpha_prod[k], s.alpha_prod_prev[k], s.eta, prev_sample=x_next)
+        expected += (fine - plain.log_prob) * dims  # log_prob is a mean over dimensions
+    torch.testing.assert_close(info["log_rnd"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_drops_huge_samples_and_its_gradient_is_the_variance_gradient():
+    control = torch.randn(5, 3, 4, requires_grad=True)
+    behaviour, noise = torch.randn(5, 3, 4), torch.randn(5, 3, 4)
+    log_likelihood = torch.tensor([-1.0, -2.0, -3.0, -1e6, -0.5])  # sample 3 has a huge L = log_rnd + 1e6
+    loss, info = deft.log_variance_loss(control, behaviour, noise, log_likelihood, loss_threshold=1e3)
+    assert info["kept"].tolist() == [True, True, True, False, True]
+    log_rnd = (-0.5 * control**2 + behaviour * control + control * noise).sum(dim=(1, 2))
+    objective = log_rnd - log_likelihood
+    torch.testing.assert_close(loss, objective[[0, 1, 2, 4]].var())
+    loss.backward()
+    assert control.grad[3].abs().sum() == 0  # a dropped sample gives no gradient
+
+
+# ---- the inverse-problem envs ----
+def test_operators_and_the_measurement_reward_gradient():
+    x = torch.randn(3, 1, 16, 16, requires_grad=True)
+    sr = SuperResolution(4)
+    torch.testing.assert_close(sr(x)[0, 0, 1, 2], x[0, 0, 4:8, 8:12].mean())
+    y = torch.randn(3, 1, 4, 4)
+    reward = make_reward("measurement", operator="sr", scale=4, sigma_y=0.1)
+    (gradient,) = torch.autograd.grad(reward.fn(x, y).sum(), x)
+    # grad of -|A x - y|^2 / (2 sigma^2) is -A^T (A x - y) / sigma^2, and A^T spreads each value / 16 over its block
+    expected = -sr.show(sr(x) - y) / 16 / 0.1**2
+    torch.testing.assert_close(gradient, expected.detach())
+    inpaint = make_operator("inpaint", hole_fraction=0.5)
+    assert inpaint(torch.ones(1, 1, 16, 16)).sum() == 256 - 64  # the central 8x8 is hidden
+
+
+def test_digits_sr_env_trains_on_train_measurements_and_evaluates_on_held_out_digits():
+    env = gymnasium.make_vec("rlft/DigitsSR-v0", 4, vectorization_mode="vector_entry_point", num_inference_steps=2)
+    obs, _ = env.reset(seed=0)
+    assert obs["context"].shape == (4, 1, 4, 4)
+    train_images = load_digits("train")[0]
+    truth = env.cases.ground_truth(obs["context"])
+    assert all(any(torch.equal(t, s) for s in train_images) for t in truth)
+    evaluation = gymnasium.make_vec("rlft/DigitsSR-v0", 12, vectorization_mode="vector_entry_point",
+                                    num_inference_steps=2, evaluation=True)  # fmt: skip
+    first, _ = evaluation.reset(seed=1)
+    again, _ = evaluation.reset(seed=2)
+    torch.testing.assert_close(first["context"], again["context"])  # fixed evaluation cases
+    held_out = evaluation.cases.ground_truth(first["context"])
+    assert not any(torch.equal(h, s) for h in held_out for s in train_images)
+    # the ground truth is measurement-consistent up to the noise: RMS of A(x) - y near sigma_y = 0.05
+    described = evaluation.describe(held_out, first["context"])
+    assert 0.02 < described["ground_truth_measurement_error"] < 0.08 and described["psnr"] > 60
+    assert described["panel"].shape == (2 * 8, 1, 16, 16)  # per case: measurement, 6 samples, ground truth
+    check_env(gymnasium.make("rlft/DigitsInpaint-v0", num_inference_steps=2).unwrapped)
+
+
+# ---- the policy hook and the learner loop ----
+def test_h_net_starts_at_the_base_model_and_only_it_is_published(tiny_model_dir):
+    cfg = tiny_cfg(tiny_model_dir, "algo=deft", "env=digits_sr", "algo.minibatch_size=8")
+    learner = Learner(cfg, torch.device("cpu"))
+    weights = learner.policy.trainable_state_dict()
+    assert weights and all(name.startswith("correction.") for name in weights)
+    base = sum(p.numel() for p in learner.policy.unet.parameters())
+    assert all(not p.requires_grad for p in learner.policy.unet.parameters())
+    worker = RolloutWorker(cfg)
+    worker.set_weights(weights, 0)
+    batch = worker.collect(0, seed=3, n=8)
+    assert {"noise", "base_output"} <= set(batch.keys())
+    # h = 0 at the start: every step's mean is the base model's, so x_k+1 - mean_base = std * noise exactly
+    schedule = worker.policy.schedule
+    for k in schedule.stochastic_steps.tolist():
+        out = worker.policy.step(batch["latents"][:, k], k, batch["context"], noise=batch["noise"][:, k],
+                                 network=lambda x, t, c, b=None: worker.policy.base_forward(x, t, c))  # fmt: skip
+        torch.testing.assert_close(out.prev_sample, batch["latents"][:, k + 1], rtol=1e-5, atol=1e-5)
+    learner.ingest([("b0", batch)])
+    first = deft.log_variance_step(learner.ctx, batch, learner.algo)
+    assert first["deft/buffer_ess_fraction"] == pytest.approx(1.0)  # on-policy: every importance weight is 1
+    metrics = learner.update()
+    assert metrics["train/optimizer_steps"] == 2.0 and metrics["deft/buffer_ess_fraction"] < 1.0  # now stale
+    moved = learner.policy.trainable_state_dict()
+    assert any(not torch.equal(moved[k], weights[k]) for k in weights)
+    assert base > 0
+
+
+def test_deft_runs_end_to_end_in_one_process(tiny_model_dir, tmp_path):
+    from rlft.run import main
+
+    for variant in ("log_variance", "supervised"):
+        run_dir = main([f"env.base_model={tiny_model_dir}", "algo=deft", "env=digits_sr", f"algo.variant={variant}",
+                        "env.num_inference_steps=3", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16",
+                        "algo.minibatch_size=8", "algo.supervised_steps=2", "eval.num_samples=16", "trainer.epochs=2",
+                        "trainer.max_staleness=1", "ray.enabled=false", "ray.torch_threads=1",
+                        "logging.wandb=disabled", "logging.progress=false",
+                        f"logging.run_dir={tmp_path / variant}"])  # fmt: skip
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        assert any('"eval/psnr"' in line and '"eval/measurement_error"' in line for line in lines)
+        assert (run_dir / "samples" / "epoch_0002.png").exists() and (run_dir / "final" / "policy.safetensors").exists()
+
+
+def test_config_composes_the_measurement_reward_and_matches_the_dataclass():
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from rlft.config import compose, validate
+
+    cfg = compose("config", ["algo=deft", "env=digits_sr"])
+    validate(cfg)
+    assert cfg.reward.name == "measurement" and cfg.reward.sigma_y == cfg.env.sigma_y  # the env's own reward
+    assert compose("config", ["env=digits_inpaint", "reward=digit"]).reward.name == "digit"  # unless told otherwise
+    fields = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(deft.Config)}  # fmt: skip
+    assert {k: v for k, v in OmegaConf.to_container(cfg.algo).items() if k != "name"} == fields
+    with pytest.raises(FileNotFoundError, match="env.base_model=/path/to/model"):
+        validate(compose("config", ["algo=deft", "env=flowers102_sr"]))
+
+
+@pytest.mark.slow
+def test_deft_through_real_ray_with_a_stale_buffer(tiny_model_dir, tmp_path):
+    """`python -m rlft.run algo=deft env=digits_sr` through Ray actors and a Ray Train learner, reusing stale data."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "rlft.run", "algo=deft", "env=digits_sr", f"env.base_model={tiny_model_dir}",
+         f"logging.run_dir={run_dir}", "trainer.epochs=2", "ray.num_cpus=4", "env.num_inference_steps=3",
+         "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16", "trainer.buffer_capacity=32",
+         "trainer.max_staleness=1", "algo.minibatch_size=8", "eval.num_samples=16", "eval.every=1",
+         "ray.torch_threads=1", "logging.wandb=disabled"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in lines if "loss/log_variance" in m]
+    assert [m["buffer/size"] for m in train] == [16.0, 32.0]  # the second epoch also trains on the first's paths
+    assert all("eval/psnr" in m for m in lines if "eval/reward_mean" in m)
