@@ -34,7 +34,8 @@ def run_config(algo: str, args, *extra: str) -> dict:
         f"algo={algo}", "env=digits_sr", f"env.num_inference_steps={args.steps}", f"device={args.device}",
         f"trainer.rollout_batch_size={args.batch}", f"trainer.samples_per_epoch={args.batch * 2}",
         f"eval.num_samples={args.eval_samples}", "ray.enabled=false", "logging.wandb=disabled",
-        "logging.progress=false", f"ray.torch_threads={args.threads or 'null'}", f"algo.minibatch_size={args.batch}",
+        "logging.progress=false", f"ray.rollout_threads={args.threads or 'null'}",
+        f"ray.learner_threads={args.threads or 'null'}", f"algo.minibatch_size={args.batch}",
         *extra,
     ])  # fmt: skip
     validate(cfg)

@@ -252,8 +252,8 @@ def test_deft_runs_end_to_end_in_one_process(tiny_model_dir, tmp_path):
         run_dir = main([f"env.base_model={tiny_model_dir}", "algo=deft", "env=digits_sr", f"algo.variant={variant}",
                         "env.num_inference_steps=3", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16",
                         "algo.minibatch_size=8", "algo.supervised_steps=2", "eval.num_samples=16", "trainer.epochs=2",
-                        "trainer.max_staleness=1", "ray.enabled=false", "ray.torch_threads=1",
-                        "logging.wandb=disabled", "logging.progress=false",
+                        "trainer.max_staleness=1", "ray.enabled=false", "ray.rollout_threads=1",
+                        "ray.learner_threads=1", "logging.wandb=disabled", "logging.progress=false",
                         f"logging.run_dir={tmp_path / variant}"])  # fmt: skip
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         assert any('"eval/psnr"' in line and '"eval/measurement_error"' in line for line in lines)
@@ -292,7 +292,7 @@ def test_deft_through_real_ray_with_a_stale_buffer(tiny_model_dir, tmp_path):
          f"logging.run_dir={run_dir}", "trainer.epochs=2", "ray.num_cpus=4", "env.num_inference_steps=3",
          "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16", "trainer.buffer_capacity=32",
          "trainer.max_staleness=1", "algo.minibatch_size=8", "eval.num_samples=16", "eval.every=1",
-         "ray.torch_threads=1", "logging.wandb=disabled"],
+         "ray.rollout_threads=1", "ray.learner_threads=1", "logging.wandb=disabled"],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
