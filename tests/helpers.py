@@ -1,4 +1,8 @@
-"""Shared test helpers: composed configs on the tiny random DDPM."""
+"""Shared test helpers: composed configs on the tiny random DDPM, and the driver run as a user runs it."""
+
+import os
+import subprocess
+import sys
 
 from rlft.config import compose, to_container
 
@@ -11,3 +15,13 @@ def tiny_cfg(model_dir, *overrides: str) -> dict:
         "ray.rollout_threads=1", "ray.learner_threads=1",
         "logging.wandb=disabled", "logging.progress=false", *overrides,
     ]))  # fmt: skip
+
+
+def run_rlft(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m rlft.run ARGS` in a subprocess, offline, on a fresh local Ray (never a cluster from the
+    environment); fails the test with the end of its output unless it exits 0."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    result = subprocess.run([sys.executable, "-m", "rlft.run", *args], capture_output=True, text=True,
+                            timeout=timeout, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

@@ -21,7 +21,7 @@ from envs.schedule import DDIMSchedule
 from rlft.learner import Learner
 from rlft.policy import DiffusionPolicy, ddim_step
 from rlft.rollout import RolloutWorker
-from tests.helpers import tiny_cfg
+from tests.helpers import run_rlft, tiny_cfg
 
 # ---- the Gaussian toy: data N(M, S^2) per pixel, so the exact noise prediction is known at every t ----
 M, S, SIGMA_Y, SHAPE = 0.3, 0.5, 0.25, (1, 4, 4)
@@ -281,21 +281,13 @@ def test_config_composes_the_measurement_reward_and_matches_the_dataclass():
 @pytest.mark.slow
 def test_deft_through_real_ray_with_a_stale_buffer(tiny_model_dir, tmp_path):
     """`python -m rlft.run algo=deft env=digits_sr` through Ray actors and a Ray Train learner, reusing stale data."""
-    import os
-    import subprocess
-    import sys
 
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
-    result = subprocess.run(
-        [sys.executable, "-m", "rlft.run", "algo=deft", "env=digits_sr", f"env.base_model={tiny_model_dir}",
-         f"logging.run_dir={run_dir}", "trainer.epochs=2", "ray.num_cpus=4", "env.num_inference_steps=3",
-         "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16", "trainer.buffer_capacity=32",
-         "trainer.max_staleness=1", "algo.minibatch_size=8", "eval.num_samples=16", "eval.every=1",
-         "ray.rollout_threads=1", "ray.learner_threads=1", "logging.wandb=disabled"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_rlft("algo=deft", "env=digits_sr", f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}",
+             "trainer.epochs=2", "ray.num_cpus=4", "env.num_inference_steps=3", "trainer.rollout_batch_size=8",
+             "trainer.samples_per_epoch=16", "trainer.buffer_capacity=32", "trainer.max_staleness=1",
+             "algo.minibatch_size=8", "eval.num_samples=16", "eval.every=1", "ray.rollout_threads=1",
+             "ray.learner_threads=1", "logging.wandb=disabled")  # fmt: skip
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in lines if "loss/log_variance" in m]
     assert [m["buffer/size"] for m in train] == [16.0, 32.0]  # the second epoch also trains on the first's paths

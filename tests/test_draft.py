@@ -2,9 +2,6 @@
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ from rlft.lora import load_adapters, merge_adapters, save_adapters
 from rlft.policy import load_base_model
 from rlft.rollout import RolloutWorker, build_policy
 from rlft.run import main
+from tests.helpers import run_rlft
 
 TINY = ["algo=draft", "env.num_inference_steps=4", "trainer.rollout_batch_size=4", "eval.num_samples=4",
         "ray.rollout_threads=1", "ray.learner_threads=1", "logging.wandb=disabled",
@@ -256,13 +254,8 @@ def test_single_process_lv_run_with_lora_saves_adapters_only(tiny_model_dir, tmp
 @pytest.mark.slow
 def test_draft_runs_through_real_ray(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
-    result = subprocess.run(
-        [sys.executable, "-m", "rlft.run", f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}",
-         "trainer.epochs=2", "algo.steps_per_epoch=2", "algo.k=1", "ray.num_cpus=4", "eval.every=1", *TINY],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_rlft(f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}", "trainer.epochs=2",
+             "algo.steps_per_epoch=2", "algo.k=1", "ray.num_cpus=4", "eval.every=1", *TINY)  # fmt: skip
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines if "eval/reward_mean" in m] == [0, 1, 2]
     assert (run_dir / "final" / "policy.safetensors").exists()

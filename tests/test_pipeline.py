@@ -1,7 +1,6 @@
 """The run end to end: the driver through real Ray as a subprocess, the single-process loop, the learner."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from rlft.learner import Learner
 from rlft.rollout import RolloutGroup, RolloutWorker
 from rlft.run import main
-from tests.helpers import tiny_cfg
+from tests.helpers import run_rlft, tiny_cfg
 
 TINY = ["env.num_inference_steps=4", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16",
         "algo.minibatch_size=8", "eval.num_samples=8", "eval.every=1", "ray.rollout_threads=1", "ray.learner_threads=1",
@@ -37,13 +36,8 @@ def check_run_folder(run_dir: Path, epochs: int) -> list[dict]:
 @pytest.mark.slow
 def test_run_through_real_ray_as_a_subprocess(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
-    result = subprocess.run(
-        [sys.executable, "-m", "rlft.run", f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}",
-         "trainer.epochs=2", "ray.num_cpus=4", *TINY],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_rlft(f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}", "trainer.epochs=2", "ray.num_cpus=4",
+             *TINY)  # fmt: skip
     check_run_folder(run_dir, epochs=2)
 
 
@@ -51,13 +45,8 @@ def test_run_through_real_ray_as_a_subprocess(tiny_model_dir, tmp_path):
 def test_adjoint_matching_through_real_ray(tiny_model_dir, tmp_path):
     """Rollout actors hold the frozen base and attach lean adjoints; the learner makes its buffered passes."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
-    result = subprocess.run(
-        [sys.executable, "-m", "rlft.run", "algo=adjoint_matching", "algo.passes_per_buffer=2",
-         f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}", "trainer.epochs=1", "ray.num_cpus=4", *TINY],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_rlft("algo=adjoint_matching", "algo.passes_per_buffer=2", f"env.base_model={tiny_model_dir}",
+             f"logging.run_dir={run_dir}", "trainer.epochs=1", "ray.num_cpus=4", *TINY)  # fmt: skip
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in lines if "reward/mean" in m]
     assert len(train) == 1 and train[0]["am/passes"] == 2 and train[0]["train/optimizer_steps"] == 4
