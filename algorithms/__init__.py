@@ -58,6 +58,14 @@ class LearnerContext:
             yield minibatch.to(self.device)
 
 
+def mean_over_steps(step_metrics: list[dict[str, float]]) -> dict[str, float]:
+    """One update's per-optimizer-step metrics, averaged over its steps, plus `train/optimizer_steps`."""
+    steps = len(step_metrics)
+    keys = dict.fromkeys(key for metrics in step_metrics for key in metrics)
+    means = {key: sum(m[key] for m in step_metrics if key in m) / max(1, steps) for key in keys}
+    return {**means, "train/optimizer_steps": float(steps)}
+
+
 def load_algorithm(name: str) -> ModuleType:
     return importlib.import_module(f"algorithms.{name}")
 

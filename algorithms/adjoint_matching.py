@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import sys
 import weakref
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict
 
-from algorithms import LearnerContext
+from algorithms import LearnerContext, mean_over_steps
 from rlft.policy import DiffusionPolicy, StepOutput, ddim_step
 
 REQUIRES_STOCHASTIC_SAMPLER = True  # the control is defined by the noise scale sigma_k > 0 (memoryless: eta = 1)
@@ -316,21 +315,14 @@ def prepare(batch: TensorDict, cfg: AdjointMatchingConfig, state: ClipState) -> 
 def update(ctx: LearnerContext, cfg: AdjointMatchingConfig, state: ClipState) -> dict[str, float]:
     """`passes_per_buffer` reshuffled passes over this epoch's buffer fill, one optimizer step per minibatch;
     with `refill_below_ess`, the passes stop once a pass's mean ESS fraction drops below it."""
-    totals: dict[str, float] = defaultdict(float)
-    steps, passes = 0, 0
+    step_metrics, passes = [], 0
     for _ in range(cfg.passes_per_buffer):
-        pass_ess = []
-        for minibatch in ctx.minibatches():
-            metrics = train_step(ctx, minibatch, cfg, state)
-            for key, value in metrics.items():
-                totals[key] += value
-            pass_ess.append(metrics["am/ess_fraction"])
-            steps += 1
+        pass_metrics = [train_step(ctx, minibatch, cfg, state) for minibatch in ctx.minibatches()]
+        step_metrics += pass_metrics
         passes += 1
-        if cfg.refill_below_ess > 0 and sum(pass_ess) / max(1, len(pass_ess)) < cfg.refill_below_ess:
+        last_ess = sum(m["am/ess_fraction"] for m in pass_metrics) / max(1, len(pass_metrics))
+        if cfg.refill_below_ess > 0 and last_ess < cfg.refill_below_ess:
             break
-    metrics = {key: value / max(1, steps) for key, value in totals.items()}
-    last_ess = sum(pass_ess) / max(1, len(pass_ess))
-    return {**metrics, "am/ess_fraction_last_pass": last_ess, "am/passes": float(passes),
-            "am/train_network_evals_total": state.train_network_evals, "train/optimizer_steps": float(steps)}
+    return {**mean_over_steps(step_metrics), "am/ess_fraction_last_pass": last_ess, "am/passes": float(passes),
+            "am/train_network_evals_total": state.train_network_evals}
 

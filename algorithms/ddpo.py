@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorDict
 
-from algorithms import LearnerContext
+from algorithms import LearnerContext, mean_over_steps
 
 REQUIRES_STOCHASTIC_SAMPLER = True  # the importance ratio needs log-probabilities (eta > 0)
 REQUIRES_DIFFERENTIABLE_REWARD = False
@@ -159,11 +159,4 @@ def prepare(batch: TensorDict, cfg: DDPOConfig, state: PerContextStatTracker) ->
 
 def update(ctx: LearnerContext, cfg: DDPOConfig, state: PerContextStatTracker) -> dict[str, float]:
     """`inner_epochs` reshuffled passes over the collected batch, one optimizer step per minibatch."""
-    totals: dict[str, float] = defaultdict(float)
-    steps = 0
-    for _ in range(cfg.inner_epochs):
-        for minibatch in ctx.minibatches():
-            for key, value in train_step(ctx, minibatch, cfg).items():
-                totals[key] += value
-            steps += 1
-    return {**{key: value / max(1, steps) for key, value in totals.items()}, "train/optimizer_steps": float(steps)}
+    return mean_over_steps([train_step(ctx, mb, cfg) for _ in range(cfg.inner_epochs) for mb in ctx.minibatches()])

@@ -38,14 +38,13 @@ Batch schema (log_variance; from `rlft.rollout` with ROLLOUT_KEYS = ("noise", "b
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from tensordict import TensorDict
 from torch import nn
 
-from algorithms import LearnerContext
+from algorithms import LearnerContext, mean_over_steps
 from rlft.policy import ddim_step
 
 REQUIRES_STOCHASTIC_SAMPLER = True  # the path density ratio needs transition densities (env.eta > 0)
@@ -267,17 +266,6 @@ def prepare(batch: TensorDict, cfg: DEFTConfig, state: dict) -> tuple[TensorDict
 def update(ctx: LearnerContext, cfg: DEFTConfig, state: dict) -> dict[str, float]:
     """log_variance: `passes` reshuffled passes over the buffer (stale trajectories included); supervised:
     `supervised_steps` optimizer steps on fresh (x, y, t) triples."""
-    totals: dict[str, float] = defaultdict(float)
-    steps = 0
     if cfg.variant == "supervised":
-        for _ in range(cfg.supervised_steps):
-            for key, value in supervised_step(ctx, cfg).items():
-                totals[key] += value
-            steps += 1
-    else:
-        for _ in range(cfg.passes):
-            for minibatch in ctx.minibatches():
-                for key, value in log_variance_step(ctx, minibatch, cfg).items():
-                    totals[key] += value
-                steps += 1
-    return {**{key: value / max(1, steps) for key, value in totals.items()}, "train/optimizer_steps": float(steps)}
+        return mean_over_steps([supervised_step(ctx, cfg) for _ in range(cfg.supervised_steps)])
+    return mean_over_steps([log_variance_step(ctx, mb, cfg) for _ in range(cfg.passes) for mb in ctx.minibatches()])

@@ -21,14 +21,13 @@ Batch schema (made inside `train_step`, B = trainer.rollout_batch_size, the env'
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms import LearnerContext
+from algorithms import LearnerContext, mean_over_steps
 from envs.rewards import Reward, evaluate_reward
 from envs.schedule import DDIMSchedule
 from rlft.policy import ddim_step
@@ -213,13 +212,6 @@ def prepare(batch, cfg: DRaFTConfig, state: DRaFTState):
 
 def update(ctx: LearnerContext, cfg: DRaFTConfig, state: DRaFTState) -> dict[str, float]:
     """`steps_per_epoch` optimizer steps, each on its own freshly sampled batch."""
-    totals: dict[str, float] = defaultdict(float)
-    for _ in range(cfg.steps_per_epoch):
-        for key, value in train_step(ctx, cfg, state).items():
-            totals[key] += value
+    metrics = mean_over_steps([train_step(ctx, cfg, state) for _ in range(cfg.steps_per_epoch)])
     samples = cfg.steps_per_epoch * ctx.env.num_envs * (cfg.lv_samples if cfg.variant == "lv" else 1)
-    return {
-        **{key: value / cfg.steps_per_epoch for key, value in totals.items()},
-        "train/optimizer_steps": float(cfg.steps_per_epoch),
-        "draft/samples": float(samples),
-    }
+    return {**metrics, "draft/samples": float(samples)}
