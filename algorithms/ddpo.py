@@ -14,6 +14,7 @@ Batch schema (made by `rlft.rollout`, shapes per trajectory batch of size B over
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
@@ -77,7 +78,8 @@ def context_keys(context: torch.Tensor) -> list[str]:
     flat = context.reshape(context.shape[0], -1)
     if flat.shape[1] == 0:
         return [""] * context.shape[0]
-    return [row.numpy().tobytes().hex() for row in flat.float().cpu()]
+    # a digest, not the bytes themselves: a prompt embedding (77 x 768 floats) would make a 470 kB key per sample
+    return [hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in flat.float().cpu()]
 
 
 def compute_advantages(batch: TensorDict, cfg: DDPOConfig, tracker: PerContextStatTracker) -> TensorDict:
