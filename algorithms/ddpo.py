@@ -38,6 +38,9 @@ class DDPOConfig:
     inner_epochs: int = 1  # passes over each collected batch
     minibatch_size: int = 32  # trajectories per optimizer step (one step accumulates over their timesteps)
     timestep_fraction: float = 1.0  # fraction of each trajectory's timesteps trained on (random per sample)
+    # timesteps of each trajectory stacked into one network call (B * k samples): the same gradient from fewer,
+    # larger calls, which a GPU runs nearer its peak; activation memory grows k-fold
+    timesteps_per_forward: int = 1
     per_context_advantages: bool = True  # standardise rewards per context; unconditional models use the batch
     stat_window: int = 64  # per-context rolling window of recent rewards
     stat_min_count: int = 16  # below this many rewards for a context, fall back to batch statistics
@@ -116,7 +119,9 @@ def ddpo_loss(
 def train_step(ctx: LearnerContext, batch: TensorDict, cfg: DDPOConfig) -> dict[str, float]:
     """One optimizer step on a minibatch of whole trajectories, accumulating gradients over timesteps.
 
-    Each timestep's loss is backpropagated at once, so memory holds one timestep's graph, not the trajectory's.
+    Each network call's loss is backpropagated at once, so memory holds the graph of `timesteps_per_forward`
+    timesteps, not the trajectory's. The loss is the mean over trained timesteps of `ddpo_loss`, however they
+    are grouped into calls.
     """
     policy = ctx.policy
     num_trajectories = batch.batch_size[0]
@@ -128,20 +133,24 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: DDPOConfig) -> dict[
     rows = torch.arange(num_trajectories, device=batch.device)
     ctx.optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=batch.device))
-    for j in range(num_train_steps):
-        step_index = order[:, j]  # [B]
+    for columns in order.split(cfg.timesteps_per_forward, dim=1):  # [B, k]: k timesteps per trajectory
+        k = columns.shape[1]
+        step_index = columns.reshape(-1)  # [B * k], trajectory-major
+        row = rows.repeat_interleave(k)  # [B * k]
         out = policy.step(
-            batch["latents"][rows, step_index],
+            batch["latents"][row, step_index],
             step_index,
-            batch["context"],
-            prev_sample=batch["latents"][rows, step_index + 1],
+            batch["context"][row],
+            prev_sample=batch["latents"][row, step_index + 1],
             network=ctx.network,
         )
-        loss, info = ddpo_loss(out.log_prob, batch["log_prob"][rows, step_index], batch["advantage"], cfg.clip_range)
-        (loss / num_train_steps).backward()
-        totals["loss/policy"] += loss.detach() / num_train_steps
+        log_prob_old = batch["log_prob"][row, step_index]
+        loss, info = ddpo_loss(out.log_prob, log_prob_old, batch["advantage"][row], cfg.clip_range)
+        share = k / num_train_steps  # `loss` is the mean over k timesteps: weight it by their share of the total
+        (loss * share).backward()
+        totals["loss/policy"] += loss.detach() * share
         for key, value in info.items():
-            totals[f"ddpo/{key}"] += value / num_train_steps
+            totals[f"ddpo/{key}"] += value * share
     totals["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
     ctx.optimizer.step()
     return {key: value.item() for key, value in totals.items()}  # one host sync per optimizer step
@@ -149,6 +158,14 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: DDPOConfig) -> dict[
 
 # ---- the learner-side interface (see algorithms/__init__.py) ----
 Config = DDPOConfig
+
+
+def validate(cfg) -> list[str]:
+    """Config problems specific to DDPO (called by rlft.config.validate): a list of messages, empty when fine."""
+    if cfg.algo.timesteps_per_forward < 1:
+        return [f"algo.timesteps_per_forward={cfg.algo.timesteps_per_forward} must be at least 1 (1 = one timestep "
+                "per network call)"]
+    return []
 
 
 def make_state(cfg: DDPOConfig) -> PerContextStatTracker:

@@ -10,11 +10,15 @@ arms run rlft's own `DiffusionPolicy.step` and `algorithms.ddpo.train_step`; the
 
     plain: fp32 eager, sampling and training batches of 16 (as the published research loops run)
     rlft:  bf16 autocast (fp32 log-probabilities), channels_last, torch.compile, cuDNN autotuning,
-           sampling batches of 48 and training minibatches of 32
+           sampling batches of 96, and 7 timesteps of each trajectory stacked into one training call
+           (algo.timesteps_per_forward: the same gradient as one call per timestep) on minibatches of 8,
+           so every network call in training sees 56 samples
 
 Reported per arm: samples/s for the whole epoch, sampling and training throughput, peak GPU memory, and the
 fraction of the card's bf16 matmul peak (measured in the same run) that the FLOPs counted by torch's
-FlopCounterMode represent (MFU). JSON goes to benchmarks/results/gpu_ddpo_epoch.json.
+FlopCounterMode represent (MFU). On a GPU, a profile of one sampling call and one training call of each arm
+then says where the time goes: GPU kernel time by kind (convolutions, attention, fused elementwise/norm kernels,
+...) and the share of wall time with no kernel running. JSON goes to benchmarks/results/gpu_ddpo_epoch.json.
 """
 
 from __future__ import annotations
@@ -117,16 +121,61 @@ def sample(policy: DiffusionPolicy, n: int, generator: torch.Generator, device: 
     )
 
 
+KERNEL_KINDS = (  # GPU kernel name fragments -> kind, first match wins
+    ("attention", ("flash", "fmha", "attention", "softmax")),
+    ("convolution", ("conv", "cudnn", "xmma", "implicit", "dgrad", "wgrad", "fprop", "nchw", "nhwc")),
+    ("matmul", ("gemm", "cutlass", "cublas", "sm90", "sm80")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("fused elementwise/norm (triton)", ("triton",)),
+    ("elementwise/norm (eager)", ("norm", "elementwise", "vectorized", "reduce", "silu", "copy", "fill")),
+)
+
+
+TOP_KERNELS = 15  # kernels listed by name in each profile
+
+
+def kernel_breakdown(name: str, work, device: torch.device) -> dict:
+    """GPU kernel time by kind during `work()` (run after warm-up), as shares of its wall time, plus the share
+    of wall time with no kernel running."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        work()
+        sync(device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        lowered = event.key.lower()
+        kind = next((k for k, fragments in KERNEL_KINDS if any(f in lowered for f in fragments)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + event.self_device_time_total
+    shares = {kind: us / wall_us for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])}
+    shares["gpu idle"] = max(0.0, 1 - sum(by_kind.values()) / wall_us)
+    top = [(e.key[:100], e.self_device_time_total / wall_us, e.count) for e in kernels[:TOP_KERNELS]]
+    print(f"  {name}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()), flush=True)
+    for kernel, share, count in top:
+        print(f"      {100 * share:5.1f}%  x{count:<5} {kernel}", flush=True)
+    return {"shares": shares, "top_kernels": top}
+
+
 def run_arm(name: str, policy: DiffusionPolicy, samples: int, sample_batch: int, train_batch: int,
-            device: torch.device, flops_per_forward: float, peak: float | None) -> dict:  # fmt: skip
-    cfg = ddpo.DDPOConfig(minibatch_size=train_batch)
+            device: torch.device, flops_per_forward: float, peak: float | None,
+            timesteps_per_forward: int = 1) -> dict:  # fmt: skip
+    cfg = ddpo.DDPOConfig(minibatch_size=train_batch, timesteps_per_forward=timesteps_per_forward)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, fused=device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(0)
     ctx = LearnerContext(policy, policy, optimizer, None, None, torch.Generator().manual_seed(0), device)
+    trained_steps = len(policy.schedule.stochastic_steps)
+    # exactly one training call's worth of timesteps, for the warm-up and the profile
+    one_call = ddpo.DDPOConfig(timestep_fraction=timesteps_per_forward / trained_steps,
+                               timesteps_per_forward=timesteps_per_forward)  # fmt: skip
 
-    # warm-up (compilation, cuDNN autotuning): one sampling batch, one training step on two timesteps
+    # warm-up (compilation, cuDNN autotuning): one sampling batch, one training step of one call
     warm = sample(policy, sample_batch, generator, device)
-    ddpo.train_step(ctx, warm[:train_batch], ddpo.DDPOConfig(timestep_fraction=0.04))
+    ddpo.train_step(ctx, warm[:train_batch], one_call)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -142,7 +191,6 @@ def run_arm(name: str, policy: DiffusionPolicy, samples: int, sample_batch: int,
     trained = time.perf_counter()
 
     steps = policy.schedule.num_steps
-    trained_steps = len(policy.schedule.stochastic_steps)
     sampling_s, training_s = sampled - start, trained - sampled
     flops = samples * (steps + 3 * trained_steps) * flops_per_forward  # backward ~ 2 forwards
     result = {
@@ -159,6 +207,11 @@ def run_arm(name: str, policy: DiffusionPolicy, samples: int, sample_batch: int,
     }  # fmt: skip
     rate = result["samples_per_s"]
     print(f"  {name}: {rate:.3f} samples/s (sampling {sampling_s:.1f} s, training {training_s:.1f} s)", flush=True)
+    if device.type == "cuda":
+        result["sampling_call_time"] = kernel_breakdown(
+            f"{name} sampling call", lambda: sample(policy, sample_batch, generator, device), device)
+        result["training_call_time"] = kernel_breakdown(
+            f"{name} training call", lambda: ddpo.train_step(ctx, epoch[:train_batch], one_call), device)
     return result
 
 
@@ -168,12 +221,18 @@ def main() -> None:
     parser.add_argument("--plain-samples", type=int, default=32, help="trajectories in the plain arm's epoch")
     parser.add_argument("--rlft-samples", type=int, default=96, help="trajectories in rlft's epoch")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps per trajectory")
+    parser.add_argument("--rlft-sample-batch", type=int, default=96, help="rlft's sampling batch")
+    parser.add_argument("--rlft-train-batch", type=int, default=8, help="rlft's training minibatch (trajectories)")
+    parser.add_argument("--rlft-stack", type=int, default=7,
+                        help="rlft's timesteps per training call (a divisor of the trained steps: one shape)")
     parser.add_argument("--out", default="benchmarks/results/gpu_ddpo_epoch.json", help="where the JSON goes")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     unet_config, steps = (TINY_UNET, 5) if args.tiny else (CELEBAHQ_UNET, args.steps)
     plain_samples, rlft_samples = (8, 8) if args.tiny else (args.plain_samples, args.rlft_samples)
-    plain_batches, rlft_batches = ((4, 4), (8, 4)) if args.tiny else ((16, 16), (48, 32))
+    plain_batches = (4, 4) if args.tiny else (16, 16)
+    rlft_batches = (8, 4) if args.tiny else (args.rlft_sample_batch, args.rlft_train_batch)
+    rlft_stack = 2 if args.tiny else args.rlft_stack
 
     flops_per_forward = forward_flops(unet_config, device)
     peak = bf16_matmul_peak(device) if device.type == "cuda" else None
@@ -194,7 +253,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     start = time.perf_counter()
     results["rlft"] = run_arm("rlft", make_policy(unet_config, steps, device, fast=True), rlft_samples,
-                              *rlft_batches, device, flops_per_forward, peak)  # fmt: skip
+                              *rlft_batches, device, flops_per_forward, peak, rlft_stack)  # fmt: skip
     results["rlft"]["warmup_and_epoch_s"] = time.perf_counter() - start
     speedup = results["rlft"]["samples_per_s"] / results["plain"]["samples_per_s"]
 

@@ -87,3 +87,26 @@ def test_per_context_statistics_after_enough_samples():
     # each context is standardised by its own statistics, so both get the same advantages
     torch.testing.assert_close(advantages[:4], advantages[4:])
     torch.testing.assert_close(advantages[:4].mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_stacked_timesteps_give_the_same_gradient(tiny_model_dir):
+    """Timesteps stacked into one network call (3 per call, 8 steps: calls of 3, 3 and 2) change only the grouping
+    of the same per-timestep losses: the loss, the metrics and the gradient match one timestep per call."""
+    cfg = tiny_cfg(tiny_model_dir, "env.num_inference_steps=9")
+    worker, learner = RolloutWorker(cfg), Learner(cfg, torch.device("cpu"))
+    batch = worker.collect(0, seed=3, n=8)
+    batch["advantage"] = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    params = [p for p in learner.policy.parameters() if p.requires_grad]
+    learner.ctx.optimizer.step = lambda: None  # keep the weights: both groupings see the same policy
+
+    results = []
+    for k in (1, 3):
+        learner.ctx.generator.manual_seed(5)  # the same random timestep order for both
+        metrics = ddpo.train_step(learner.ctx, batch, ddpo.DDPOConfig(timesteps_per_forward=k, max_grad_norm=1e9))
+        results.append((metrics, [p.grad.clone() for p in params]))
+    (one, grads_one), (stacked, grads_stacked) = results
+    assert stacked["loss/policy"] == pytest.approx(one["loss/policy"], rel=1e-5, abs=1e-7)
+    assert stacked["ddpo/approx_kl"] == pytest.approx(one["ddpo/approx_kl"], rel=1e-4, abs=1e-9)
+    assert sum(g.abs().sum() for g in grads_one) > 0
+    for g1, g3 in zip(grads_one, grads_stacked, strict=True):
+        torch.testing.assert_close(g3, g1, rtol=1e-4, atol=1e-6)
