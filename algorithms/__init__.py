@@ -74,5 +74,8 @@ def uses_rollouts(module: ModuleType, cfg) -> bool:
     return module.uses_rollouts(cfg) if hasattr(module, "uses_rollouts") else module.USES_ROLLOUTS
 
 
+RUN_KEYS = ("name", "epochs")  # keys of an `algo:` config that choose the module and the run length, not Config
+
+
 def make_config(module: ModuleType, algo_cfg: dict):
-    return module.Config(**{k: v for k, v in algo_cfg.items() if k != "name"})
+    return module.Config(**{k: v for k, v in algo_cfg.items() if k not in RUN_KEYS})

@@ -68,4 +68,4 @@ def test_algorithm_yaml_defaults_equal_the_config_dataclass():
 
     cfg = compose("config", [])
     fields = {f.name: f.default for f in dataclasses.fields(algorithms.ddpo.Config)}
-    assert {k: v for k, v in cfg.algo.items() if k != "name"} == fields
+    assert {k: v for k, v in cfg.algo.items() if k not in algorithms.RUN_KEYS} == fields
