@@ -264,8 +264,17 @@ def restore_replica(learner, checkpoint: Checkpoint) -> None:
         named = "; ".join(f"{k}: checkpoint {saved.get(k)}, this run {current.get(k)}" for k in diff[:5])
         raise CheckpointError(f"{checkpoint.path} holds weights of another model: {named}")
     learner.policy.load_trainable_state_dict({k: v.to(learner.device) for k, v in weights.items()})
-    learner.ctx.optimizer.load_state_dict(optimizer)
-    learner.lr_scheduler.load_state_dict(checkpoint.state["lr_scheduler"])
+    # the moments, step counts and the schedule's position come from the checkpoint; the hyperparameters (lr,
+    # weight decay) stay this run's, from its config: a resumed run may change them, and a PBT trial continues
+    # another trial's checkpoint with mutated ones
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in learner.ctx.optimizer.param_groups]
+    learner.ctx.optimizer.load_state_dict(optimizer)  # new param_groups: the checkpoint's
+    scheduler = learner.lr_scheduler
+    scheduler.load_state_dict(checkpoint.state["lr_scheduler"])
+    scheduler.base_lrs = [setting["initial_lr"] for setting in settings]
+    groups = learner.ctx.optimizer.param_groups
+    for group, setting, base, factor in zip(groups, settings, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group.update(setting, lr=base * factor(scheduler.last_epoch))
     learner.policy_version = checkpoint.state["policy_version"]
     replica = checkpoint.replica(learner.rank)
     torch.set_rng_state(replica["torch_rng"])

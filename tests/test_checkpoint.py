@@ -169,6 +169,33 @@ def test_a_checkpoint_holding_a_pickle_is_refused_and_never_unpickled(three_chec
     assert not sentinel.exists()
 
 
+def test_a_resumed_learner_takes_its_configs_lr_and_the_checkpoints_optimizer_moments(tiny_model_dir, tmp_path):
+    from rlft.checkpoint import Checkpointer
+    from rlft.learner import Learner, lr_factor
+    from tests.helpers import tiny_cfg
+
+    cfg = tiny_cfg(tiny_model_dir, "trainer.lr_schedule=cosine", "trainer.epochs=10")
+    learner = Learner(cfg, torch.device("cpu"))
+    for _ in range(3):  # three epochs' worth of optimizer steps and schedule steps
+        for param in learner.policy.parameters():
+            param.grad = torch.ones_like(param)
+        learner.ctx.optimizer.step()
+        learner.lr_scheduler.step()
+    checkpointer = Checkpointer(str(tmp_path), every=1, keep=1, config_hash="h", config=cfg, signature={})
+    checkpointer.save(learner, 3)
+    new_cfg = tiny_cfg(tiny_model_dir, "trainer.lr_schedule=cosine", "trainer.epochs=10", "algo.lr=5e-4",
+                       "algo.weight_decay=0.5")  # fmt: skip
+    resumed = Learner(new_cfg, torch.device("cpu"))
+    assert checkpointer.restore(resumed) == 3
+    group = resumed.ctx.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(5e-4 * lr_factor(new_cfg, 3)) and group["weight_decay"] == 0.5
+    assert group["lr"] != learner.ctx.optimizer.param_groups[0]["lr"]
+    resumed.lr_scheduler.step()  # the schedule goes on from the checkpoint's position, from the new base lr
+    assert group["lr"] == pytest.approx(5e-4 * lr_factor(new_cfg, 4))
+    before, after = learner.ctx.optimizer.state_dict()["state"], resumed.ctx.optimizer.state_dict()["state"]
+    assert all(torch.equal(before[i][k], after[i][k]) for i in before for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
 def test_a_new_run_does_not_silently_take_over_a_folder_with_checkpoints(three_checkpoints, tiny_model_dir):
     with pytest.raises(SystemExit, match="already holds checkpoints of a run; continue it with resume="):
         run(tiny_model_dir, three_checkpoints, "trainer.epochs=3")
