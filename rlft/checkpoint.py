@@ -15,6 +15,8 @@ renamed into place, and only then marked COMMITTED; a run killed at any moment l
 checkpoint or the new one, never half of one. Tensors go through safetensors and everything else through
 JSON, so loading a checkpoint never unpickles anything: a file that is not what it claims (a pickle in place
 of safetensors, a truncated file) is refused with an error, and the previous checkpoint is used instead.
+A run continues another run's checkpoint once `adopt` has copied it into its folder (a Ray Tune trial given a
+checkpoint does: PBT copying a better trial's into it, or Tune restoring it).
 """
 
 from __future__ import annotations
@@ -232,6 +234,40 @@ class Checkpoint:
                             _read_tensors(self.path / f"rank_{rank}.safetensors"))  # fmt: skip
 
 
+def _publish(tmp: Path, final: Path, epoch: int) -> None:
+    """Rename a checkpoint whose files are all written and fsynced into place, then mark it committed."""
+    if final.exists():  # an uncommitted folder of the same epoch from a killed run
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    marker = final / COMMIT_MARKER
+    marker.write_text(f"epoch {epoch}\n")
+    _fsync(marker)
+    _fsync(final)
+
+
+def adopt(source: Path, folder: Path) -> Checkpoint:
+    """Make the committed checkpoint in `source` (another run's, or Ray Tune's copy of one) the only checkpoint in
+    `folder`, a run's checkpoints folder, so that the run continues from it. It is verified before anything in
+    `folder` is removed, and copied in as a temporary folder that is committed last, as a new checkpoint is."""
+    if not (source / COMMIT_MARKER).exists():
+        raise CheckpointError(f"{source} is not a committed checkpoint (it has no {COMMIT_MARKER} marker)")
+    epoch = Checkpoint.open(source).epoch
+    tmp, final = folder / f".epoch_{epoch:06d}.tmp", folder / f"epoch_{epoch:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(COMMIT_MARKER))
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
+    for old in committed(folder):
+        (old / COMMIT_MARKER).unlink()  # uncommit first: a half-deleted folder is never taken for a checkpoint
+    for old in folder.glob("epoch_*"):
+        shutil.rmtree(old)
+    _publish(tmp, final, epoch)
+    return Checkpoint.open(final)
+
+
 def latest_valid(folder: Path, warn=print) -> Checkpoint | None:
     """The newest committed checkpoint that passes its checks; damaged ones are named and skipped."""
     for path in reversed(committed(folder)):
@@ -354,14 +390,7 @@ class Checkpointer:
             "files": files,
         })  # fmt: skip
         _fsync(tmp)
-        if final.exists():  # an uncommitted folder of the same epoch from a killed run
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(self.folder)
-        marker = final / COMMIT_MARKER
-        marker.write_text(f"epoch {epoch}\n")
-        _fsync(marker)
-        _fsync(final)
+        _publish(tmp, final, epoch)
         for old in committed(self.folder)[: -self.keep]:
             (old / COMMIT_MARKER).unlink()  # uncommit first: a half-deleted folder is never taken for a checkpoint
             shutil.rmtree(old)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlft.checkpoint import COMMIT_MARKER, Checkpoint, CheckpointError, committed, join_tensors, split_tensors
+from rlft.checkpoint import COMMIT_MARKER, Checkpoint, CheckpointError, adopt, committed, join_tensors, split_tensors
 from rlft.run import main
 from tests.conftest import save_tiny_ddpm
 
@@ -194,6 +194,21 @@ def test_a_resumed_learner_takes_its_configs_lr_and_the_checkpoints_optimizer_mo
     assert group["lr"] == pytest.approx(5e-4 * lr_factor(new_cfg, 4))
     before, after = learner.ctx.optimizer.state_dict()["state"], resumed.ctx.optimizer.state_dict()["state"]
     assert all(torch.equal(before[i][k], after[i][k]) for i in before for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_a_checkpoint_adopted_from_another_run_becomes_the_only_one_in_its_folder(three_checkpoints, tmp_path):
+    other = Path(shutil.copytree(three_checkpoints, tmp_path / "other")) / "checkpoints"
+    source = committed(three_checkpoints / "checkpoints")[1]
+    adopted = adopt(source, other)
+    assert adopted.epoch == 2 and sorted(p.name for p in other.iterdir()) == ["epoch_000002"]
+    assert adopted.state["files"] == Checkpoint.open(source).state["files"] and (adopted.path / COMMIT_MARKER).exists()
+    (source / "rank_0.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="rank_0.json has 2 bytes"):
+        adopt(source, other)
+    (source / COMMIT_MARKER).unlink()
+    with pytest.raises(CheckpointError, match="is not a committed checkpoint"):
+        adopt(source, other)
+    assert Checkpoint.open(committed(other)[-1]).state["files"] == adopted.state["files"]  # refused: left as it was
 
 
 def test_a_new_run_does_not_silently_take_over_a_folder_with_checkpoints(three_checkpoints, tiny_model_dir):
