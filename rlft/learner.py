@@ -22,7 +22,8 @@ from rlft.buffer import TrajectoryBuffer
 from rlft.checkpoint import Checkpointer
 from rlft.rollout import RolloutGroup, build_policy, derive_seed, set_torch_threads
 
-Report = Callable[[str, dict], None]  # (kind, payload): "metrics", "eval", "weights", "replica" or "start"
+# (kind, payload): "metrics", "eval", "checkpoint" (committed), "weights", "replica" or "start"
+Report = Callable[[str, dict], None]
 
 
 def lr_factor(cfg: dict, epoch: int) -> float:
@@ -182,6 +183,8 @@ def train(cfg: dict, rollouts: RolloutGroup, report: Report, device: torch.devic
         if (epoch + 1) % evaluation["every"] == 0 or epoch + 1 == trainer["epochs"]:
             evaluate(epoch + 1)
         if checkpointer and checkpointer.due(epoch + 1, trainer["epochs"]):
-            checkpointer.save(learner, epoch + 1)
+            path = checkpointer.save(learner, epoch + 1)
+            if rank == 0:
+                report("checkpoint", {"epoch": epoch + 1, "path": str(path)})
     if rank == 0:
         report("weights", {"weights": learner.policy.trainable_state_dict(), "policy_version": learner.policy_version})

@@ -105,6 +105,10 @@ class Recorder:
         self.bar.reset()
         self.bar.update(epoch)
 
+    def on_checkpoint(self, payload: dict) -> None:
+        """Nothing to record: the learners wrote the checkpoint; the report is for hooks that pass it on (a Tune
+        trial's)."""
+
     def on_replica(self, summary: dict) -> None:
         with open(self.run_dir / "replicas.jsonl", "a") as f:
             f.write(json.dumps(summary) + "\n")
