@@ -2,6 +2,7 @@
 
     python -m rlft.tune ddpo_digits                              # tune_configs/ddpo_digits.yaml
     python -m rlft.tune ddpo_digits num_samples=4 trainer.epochs=10
+    python -m rlft.tune ddpo_pbt                                 # Population Based Training
     python -m rlft.tune path/to/sweep.yaml name=try2             # a sweep file anywhere, under another name
 
 Arguments after the sweep set sweep keys (`num_samples=4`, `scheduler.grace_period=2`, `name=...`); any other
@@ -13,7 +14,10 @@ A sweep file (see tune_configs/):
                           lograndint: arguments}, e.g. `algo.lr: {loguniform: [1.0e-5, 1.0e-3]}`
     metric, mode          what trials are ranked by, e.g. eval/target_fraction max, or reward/mean max
     num_samples           trials to sample (each grid multiplies them, as in Tune)
-    scheduler             {name: fifo} or {name: asha, grace_period: 2, reduction_factor: 2, max_t: <epochs>}
+    scheduler             {name: fifo}, {name: asha, grace_period: 2, reduction_factor: 2, max_t: <epochs>} or
+                          {name: pbt, perturbation_interval: <epochs>, hyperparam_mutations: {key: domain, ...}}
+                          (mutations as in search_space, which they default to; other options are Tune's:
+                          quantile_fraction, resample_probability, burn_in_period, synch, ...)
     max_concurrent_trials trials running at once
     resources_per_trial   {cpu: ..., gpu: ...} for a trial's driver; its rollout actors and learners ask for
                           their own through the ray.* config keys (ray.cpus_per_rollout_worker, ...)
@@ -22,17 +26,28 @@ A sweep file (see tune_configs/):
 
 Each trial runs `rlft.run.run` (the code path of `python -m rlft.run`) with its own run folder
 `<storage_path>/<name>/<trial>/run/` and its own wandb run (grouped by sweep name), and reports to Tune once per
-epoch: that epoch's training metrics plus the latest evaluation's `eval/...` metrics (`eval/epoch` says which).
+epoch: that epoch's training metrics plus the latest evaluation's `eval/...` metrics (`eval/epoch` says which),
+and, at each epoch where rlft wrote a checkpoint (trainer.checkpoint_every), that checkpoint: Tune keeps a copy of
+the rlft checkpoint folder as the trial's checkpoint (as many as trainer.keep_checkpoints). A trial that Tune starts
+with a checkpoint continues from it with its own config: the checkpoint becomes the only one in its run folder and
+the run resumes it, with weights, optimizer moments, counters and RNG from the checkpoint and hyperparameters (lr,
+clip range, ...) from the trial's config. PBT uses this to exploit: at every perturbation_interval epochs (where
+every trial checkpoints) the bottom quantile_fraction of the trials continue from copies of the top ones'
+checkpoints with mutated hyperparameters; each report after that says which one (`tune/restored_from`), and Tune
+logs every exploit in pbt_global.txt.
+
 At the end the results table is printed and saved as results.csv and results.json, and the best trial's config
-as best_config.yaml (with the `python -m rlft.run` command that reproduces it). Rerunning a sweep whose folder
-exists resumes it with `Tuner.restore`: finished trials are kept, and each unfinished one continues its run from
-the newest checkpoint in its run folder (`resume=<run folder>`; trainer.checkpoint_every sets how often).
+as best_config.yaml (with the `python -m rlft.run` command that reproduces it; under PBT its last hyperparameters,
+while its weights descend from other trials'). Rerunning a sweep whose folder exists resumes it with
+`Tuner.restore`: finished trials are kept, and each unfinished one continues its run from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -41,7 +56,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from rlft.config import ConfigError, _nearest, compose, config_groups, flat_keys, validate
+from rlft.config import ConfigError, _nearest, compose, config_groups, flat_keys, to_container, validate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SWEEP_DIRS = (Path("tune_configs"), REPO_ROOT / "tune_configs")
@@ -52,6 +67,9 @@ SWEEP_KEYS = {
 }  # fmt: skip
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "quniform", "qloguniform", "randint", "lograndint")
 SCHEDULERS = ("fifo", "asha", "pbt")
+# what fixes the shapes of the weights and the learner replicas a checkpoint holds: PBT never mutates these, since a
+# trial continues another trial's checkpoint
+PBT_FIXED = ("algo", "env", "env.base_model", "policy.lora_rank", "policy.lora_target_modules", "ray.num_learners")
 TRIAL_DEFAULTS = ["logging.progress=false"]  # before the sweep's own overrides, which may change them
 
 
@@ -100,20 +118,42 @@ def load_sweep(name: str, args: list[str]) -> dict:
     return sweep
 
 
-def search_space(sweep: dict) -> dict:
-    """The sweep's `search_space` as Tune domains, keyed by rlft config key."""
+def domain(kind: str, args: list):
     from ray import tune
 
+    if kind == "grid":
+        return tune.grid_search(list(args))
+    if kind == "choice":
+        return tune.choice(list(args))
+    return getattr(tune, kind)(*args)
+
+
+def search_space(sweep: dict) -> dict:
+    """The sweep's `search_space` as Tune domains, keyed by rlft config key."""
+    return {key: domain(*next(iter(spec.items()))) for key, spec in sweep["search_space"].items()}
+
+
+def mutation_specs(sweep: dict) -> dict:
+    """PBT's `hyperparam_mutations` as written in the sweep (the search space when it gives none)."""
+    return sweep["scheduler"].get("hyperparam_mutations") or sweep["search_space"]
+
+
+def mutations(sweep: dict) -> dict:
+    """PBT's mutations as Tune takes them: a choice or grid as a list, whose neighbouring values PBT steps to, and a
+    range as a domain, whose values PBT scales (by 0.8 or 1.2); either is resampled with resample_probability."""
     space = {}
-    for key, spec in sweep["search_space"].items():
+    for key, spec in mutation_specs(sweep).items():
         kind, args = next(iter(spec.items()))
-        if kind == "grid":
-            space[key] = tune.grid_search(list(args))
-        elif kind == "choice":
-            space[key] = tune.choice(list(args))
-        else:
-            space[key] = getattr(tune, kind)(*args)
+        space[key] = list(args) if kind in ("choice", "grid") else domain(kind, args)
     return space
+
+
+def tuned_keys(sweep: dict) -> list[str]:
+    """The config keys Tune sets per trial: the search space's, and under PBT the mutated ones."""
+    keys = list(sweep["search_space"])
+    if sweep["scheduler"].get("name") == "pbt":
+        keys += [key for key in mutation_specs(sweep) if key not in keys]
+    return keys
 
 
 def probe_values(kind: str, args: list) -> list:
@@ -137,26 +177,55 @@ def check_sweep(sweep: dict) -> None:
     scheduler = sweep["scheduler"].get("name")
     if scheduler not in SCHEDULERS:
         raise SweepError(f"scheduler.name={scheduler} is not one of {', '.join(SCHEDULERS)}")
-    if scheduler == "pbt":
-        raise SweepError("scheduler.name=pbt copies a better trial's checkpoint into a worse one, but rlft trials do "
-                         "not report checkpoints to Tune yet; use scheduler.name=asha (early stopping) for now")
     base_overrides = [*TRIAL_DEFAULTS, *sweep["overrides"]]
     base = compose("config", base_overrides)
     validate(base)
     known = flat_keys(base) + config_groups()
-    for key, spec in sweep["search_space"].items():
+    check_space("search_space", sweep["search_space"], base_overrides, known)
+    if scheduler == "pbt":
+        check_pbt(sweep, base_overrides, known)
+
+
+def check_space(section: str, space: dict, base_overrides: list[str], known: list[str]) -> None:
+    """Each key of a search space (or of PBT's mutations) is a config key with a domain whose values give valid runs."""
+    for key, spec in space.items():
         if key not in known:
-            raise SweepError(f"search_space: unknown config key {key!r}{_nearest(key, known)}")
+            raise SweepError(f"{section}: unknown config key {key!r}{_nearest(key, known)}")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
-            raise SweepError(f"search_space.{key} must be one of {{{'|'.join(DOMAINS)}: [...]}}, got {spec!r}")
+            raise SweepError(f"{section}.{key} must be one of {{{'|'.join(DOMAINS)}: [...]}}, got {spec!r}")
         kind, args = next(iter(spec.items()))
         if not isinstance(args, list) or not args:
-            raise SweepError(f"search_space.{key}.{kind} needs a list of arguments, got {args!r}")
+            raise SweepError(f"{section}.{key}.{kind} needs a list of arguments, got {args!r}")
         for value in probe_values(kind, args):
             try:
                 validate(compose("config", [*base_overrides, override(key, value)]))
             except (ConfigError, ValueError, KeyError) as error:
-                raise SweepError(f"search_space.{key}: the value {value!r} gives an invalid run: {error}") from None
+                raise SweepError(f"{section}.{key}: the value {value!r} gives an invalid run: {error}") from None
+
+
+def check_pbt(sweep: dict, base_overrides: list[str], known: list[str]) -> None:
+    """PBT perturbs at whole epochs where every trial has a checkpoint, and mutates only what a trial can change
+    while it continues another trial's checkpoint."""
+    options = sweep["scheduler"]
+    interval = options.get("perturbation_interval")
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise SweepError(f"scheduler.perturbation_interval={interval} must be a whole number of epochs, at least 1 "
+                         "(e.g. eval.every, so that every perturbation ranks the trials by a fresh evaluation)")
+    if options.get("burn_in_period", 0) % interval:
+        raise SweepError(f"scheduler.burn_in_period={options['burn_in_period']} must be a multiple of "
+                         f"perturbation_interval={interval}: trials checkpoint for PBT at multiples of it")
+    specs = mutation_specs(sweep)
+    if not specs:
+        raise SweepError("scheduler pbt has nothing to mutate; set scheduler.hyperparam_mutations (as search_space, "
+                         "e.g. `algo.lr: {loguniform: [1.0e-5, 1.0e-3]}`) or a search_space, its default")
+    section = "search_space"
+    if options.get("hyperparam_mutations"):  # the search space was checked already
+        section = "scheduler.hyperparam_mutations"
+        check_space(section, specs, base_overrides, known)
+    fixed = sorted(set(specs) & set(PBT_FIXED))
+    if fixed:
+        raise SweepError(f"{section}: PBT cannot mutate {fixed[0]}: a trial continues another trial's checkpoint, "
+                         "which must be of the same model, LoRA adapters and number of learners")
 
 
 def override(key: str, value) -> str:
@@ -168,36 +237,48 @@ def override(key: str, value) -> str:
 
 
 class TuneReport:
-    """The report hook of a trial: one `ray.tune.report` per epoch, after that epoch's evaluation if it has one,
-    with the epoch's training metrics plus the latest evaluation's metrics."""
+    """The report hook of a trial: one `ray.tune.report` per epoch, once that epoch's evaluation and checkpoint are
+    written where it has them, with the epoch's training metrics, the latest evaluation's metrics and the
+    checkpoint (a directory holding the rlft checkpoint, which PBT copies into other trials). After a restore every
+    report also says which Tune checkpoint the trial continued from (`tune/restored_from`: trial folder/checkpoint)."""
 
-    def __init__(self, metric: str, epochs: int, eval_every: int):
-        self.metric, self.epochs, self.eval_every = metric, epochs, eval_every
+    def __init__(self, metric: str, epochs: int, eval_every: int, checkpoint_every: int,
+                 restored_from: str | None = None):  # fmt: skip
+        self.metric, self.epochs, self.eval_every, self.checkpoint_every = metric, epochs, eval_every, checkpoint_every
+        self.restored = {"tune/restored_from": restored_from} if restored_from else {}
         self.latest_eval: dict = {}
         self.pending: dict | None = None
+        self.checkpoint: str | None = None
 
     def __call__(self, kind: str, payload: dict) -> None:
         if kind == "metrics":
-            self.pending = payload
-            if not self.evaluates_after(payload["epoch"]):
-                self.send()
+            self.pending, self.checkpoint = payload, None
         elif kind == "eval":
             self.latest_eval = {**payload["metrics"], "eval/epoch": payload["epoch"]}
-            if self.pending is not None:
-                self.send()
+        elif kind == "checkpoint":
+            self.checkpoint = payload["path"]
+        elif kind == "start":  # the learners (re)start from a checkpoint: an epoch in flight is done again
+            self.pending = None
+        if self.pending is not None and self.complete(self.pending["epoch"]):
+            self.send()
 
-    def evaluates_after(self, epoch: int) -> bool:
-        return epoch % self.eval_every == 0 or epoch == self.epochs
+    def due(self, epoch: int, every: int) -> bool:
+        return epoch % every == 0 or epoch == self.epochs
+
+    def complete(self, epoch: int) -> bool:
+        evaluated = not self.due(epoch, self.eval_every) or self.latest_eval.get("eval/epoch") == epoch
+        return evaluated and (not self.due(epoch, self.checkpoint_every) or self.checkpoint is not None)
 
     def send(self) -> None:
         from ray import tune
 
-        result = {**self.pending, **self.latest_eval}
+        result = {**self.pending, **self.latest_eval, **self.restored}
+        checkpoint = tune.Checkpoint.from_directory(self.checkpoint) if self.checkpoint else None
         self.pending = None
         if self.metric not in result:
             raise SweepError(f"metric {self.metric!r} is not among this run's metrics ({', '.join(sorted(result))}); "
                              "set the sweep's metric to one of them")  # fmt: skip
-        tune.report(result)
+        tune.report(result, checkpoint=checkpoint)
 
 
 def trial_overrides(overrides: list[str], params: dict) -> list[str]:
@@ -221,41 +302,65 @@ def trial_resources(sweep: dict):
 
 
 def run_trial(params: dict, overrides: list[str], sweep_name: str, metric: str) -> None:
-    """A Tune function trainable: the rlft run for one point of the search space, in the trial's folder."""
+    """A Tune function trainable: the rlft run for one point of the search space, in the trial's folder.
+
+    A trial given a Tune checkpoint (PBT exploiting another trial, or Tune restoring this one) continues from it,
+    with this trial's config: the checkpoint becomes the only one in its run folder, and the run resumes it."""
     from ray import tune
 
+    from rlft.checkpoint import adopt, plan_run
     from rlft.run import run
 
     context = tune.get_context()
     run_dir = Path(context.get_storage().trial_fs_path) / "run"  # in the sweep folder, next to Tune's records
-    resume = []
-    if (run_dir / "config.yaml").exists():  # an interrupted attempt (a restored sweep): continue its run from
-        resume = [f"resume='{run_dir}'"]  # the newest checkpoint (from its first epoch when it has none)
-    elif run_dir.exists():  # killed before its run folder was written: start it afresh
+    if run_dir.exists() and not (run_dir / "config.yaml").exists():  # killed before its run folder was written
         shutil.rmtree(run_dir)
+    given, restored_from = tune.get_checkpoint(), None
+    if given is not None:
+        with given.as_directory() as folder:
+            epoch = adopt(Path(folder), run_dir / "checkpoints").epoch
+        restored_from = f"{Path(given.path).parent.name}/{Path(given.path).name}"
+        print(f"rlft.tune: trial {context.get_trial_id()} continues from {restored_from} (epoch {epoch}) with "
+              f"{params}", flush=True)  # fmt: skip
+    resume = []
+    if (run_dir / "config.yaml").exists():  # an earlier attempt: continue its run from the checkpoint given,
+        resume = [f"resume='{run_dir}'"]  # else its newest one (from its first epoch when it has none)
     cfg = compose("config", [
         *trial_overrides(overrides, params), f"logging.run_dir='{run_dir}'", *resume,  # quoted: folders hold = and ,
         f"logging.wandb_group={sweep_name}", f"logging.wandb_name={sweep_name}-{context.get_trial_id()}",
     ])  # fmt: skip
     validate(cfg)
-    run(cfg, TuneReport(metric, cfg.trainer.epochs, cfg.eval.every))
+    plan = plan_run(to_container(cfg), run_dir)
+    if plan.checkpointer.wandb_run_id:  # one wandb run per trial, also after continuing another trial's checkpoint
+        plan.checkpointer.wandb_run_id = cfg.logging.wandb_name
+    run(cfg, TuneReport(metric, cfg.trainer.epochs, cfg.eval.every, cfg.trainer.checkpoint_every, restored_from),
+        plan=plan)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
 
 
 def make_scheduler(sweep: dict, epochs: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
+    name = sweep["scheduler"]["name"]
     options = {k: v for k, v in sweep["scheduler"].items() if k != "name"}
-    if sweep["scheduler"]["name"] == "fifo":
+    if name == "fifo":
         return FIFOScheduler()
+    scheduler = ASHAScheduler if name == "asha" else PopulationBasedTraining
+    accepted = [key for key in inspect.signature(scheduler).parameters if key not in ("metric", "mode", "time_attr")]
+    for key in options:
+        if key not in accepted:
+            raise SweepError(f"scheduler {name}: unknown option {key!r}{_nearest(key, accepted)}")
     # time in epochs, not Tune's report count: a trial resumed from a checkpoint first reports its next epoch
-    options = {"time_attr": "epoch", "max_t": epochs, "grace_period": 1, "reduction_factor": 2, **options}
+    if name == "asha":
+        options = {"time_attr": "epoch", "max_t": epochs, "grace_period": 1, "reduction_factor": 2, **options}
+    else:
+        options = {"time_attr": "epoch", **options, "hyperparam_mutations": mutations(sweep)}
     try:
-        return ASHAScheduler(**options)
+        return scheduler(**options)
     except (TypeError, ValueError) as error:
-        raise SweepError(f"scheduler asha: {error}") from None
+        raise SweepError(f"scheduler {name}: {error}") from None
 
 
 def init_ray(sweep: dict) -> None:
@@ -272,8 +377,9 @@ def init_ray(sweep: dict) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
 
 
-def run_sweep(sweep: dict, scheduler):
-    """Start the sweep, or resume it when its folder holds an interrupted one; returns Tune's ResultGrid."""
+def run_sweep(sweep: dict, scheduler, keep_checkpoints: int):
+    """Start the sweep, or resume it when its folder holds an interrupted one; returns Tune's ResultGrid. Tune keeps
+    as many of a trial's reported checkpoints (copies of its rlft checkpoints) as rlft keeps in its run folder."""
     from ray import tune
 
     sweep_dir = Path(sweep["storage_path"]).resolve() / sweep["name"]
@@ -294,7 +400,8 @@ def run_sweep(sweep: dict, scheduler):
                 metric=sweep["metric"], mode=sweep["mode"], num_samples=sweep["num_samples"],
                 scheduler=scheduler, max_concurrent_trials=sweep["max_concurrent_trials"],
             ),
-            run_config=tune.RunConfig(name=sweep["name"], storage_path=str(sweep_dir.parent), verbose=1),
+            run_config=tune.RunConfig(name=sweep["name"], storage_path=str(sweep_dir.parent), verbose=1,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints)),
         )  # fmt: skip
     return tuner.fit(), sweep_dir
 
@@ -310,7 +417,7 @@ def results_table(result_grid, sweep: dict, epochs: int):
         status = "error" if result.error else "done" if metrics.get("epoch") == epochs else "stopped"
         rows.append({
             "trial": metrics.get("trial_id", Path(result.path).name),
-            **{key: config.get(key) for key in sweep["search_space"]},
+            **{key: config.get(key) for key in tuned_keys(sweep)},
             "status": status,
             "epochs": metrics.get("epoch"),
             sweep["metric"]: metrics.get(sweep["metric"]),
@@ -331,7 +438,7 @@ def write_results(table, sweep: dict, sweep_dir: Path) -> Path | None:
         return None
     best = ranked.iloc[0]
     run_dir = Path(best["run_dir"])
-    overrides = [*sweep["overrides"], *(override(k, best[k]) for k in sweep["search_space"])]
+    overrides = [*sweep["overrides"], *(override(k, best[k]) for k in tuned_keys(sweep))]
     overrides = [o for o in overrides if not o.startswith("logging.run_dir=")]
     best_config = {
         "sweep": sweep["name"], "metric": sweep["metric"], "mode": sweep["mode"],
@@ -351,13 +458,16 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         sweep = load_sweep(args[0], args[1:])
         check_sweep(sweep)
-        epochs = compose("config", [*TRIAL_DEFAULTS, *sweep["overrides"]]).trainer.epochs
-        scheduler = make_scheduler(sweep, epochs)
+        trainer = compose("config", [*TRIAL_DEFAULTS, *sweep["overrides"]]).trainer
+        if sweep["scheduler"]["name"] == "pbt":  # a checkpoint at every perturbation, for PBT to copy
+            every = math.gcd(trainer.checkpoint_every, sweep["scheduler"]["perturbation_interval"])
+            sweep["overrides"].append(f"trainer.checkpoint_every={every}")
+        scheduler = make_scheduler(sweep, trainer.epochs)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as error:
         raise SystemExit(f"rlft.tune: {error}") from None
     init_ray(sweep)
-    result_grid, sweep_dir = run_sweep(sweep, scheduler)
-    table = results_table(result_grid, sweep, epochs)
+    result_grid, sweep_dir = run_sweep(sweep, scheduler, trainer.keep_checkpoints)
+    table = results_table(result_grid, sweep, trainer.epochs)
     best = write_results(table, sweep, sweep_dir)
     print(table.to_string(index=False), flush=True)
     print(f"rlft.tune: results in {sweep_dir}/results.csv and results.json", flush=True)

@@ -20,6 +20,11 @@ from rlft.config import compose, to_container
 from rlft.tune import SweepError, TuneReport, check_sweep, load_sweep, make_scheduler, search_space
 
 SWEEPS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "tune_configs").glob("*.yaml"))
+TINY_TRIALS = [  # on the tiny random DDPM: seconds per epoch, an evaluation after each
+    "env.num_inference_steps=4", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16",
+    "algo.minibatch_size=8", "eval.num_samples=8", "ray.rollout_threads=1", "ray.learner_threads=1",
+    "ray.num_rollout_workers=1", "eval.every=1", "logging.wandb=disabled",
+]  # fmt: skip
 
 
 def write_sweep(path: Path, **fields) -> Path:
@@ -57,8 +62,6 @@ def test_sweep_mistakes_name_the_key_and_the_fix(tmp_path):
         check_sweep(load_sweep(str(bad_value), []))
     with pytest.raises(SweepError, match="search_space.algo.lr must be one of"):
         check_sweep(load_sweep(str(write_sweep(tmp_path / "c.yaml", search_space={"algo.lr": {"normal": [0, 1]}})), []))
-    with pytest.raises(SweepError, match="pbt .*checkpoint"):
-        check_sweep(load_sweep(str(write_sweep(tmp_path / "d.yaml", scheduler={"name": "pbt"})), []))
     with pytest.raises(SweepError, match="unknown sweep key 'num_sample'; did you mean 'num_samples'"):
         load_sweep(str(write_sweep(tmp_path / "e.yaml", num_sample=2)), [])
     with pytest.raises(SweepError, match="scheduler asha: .*'grace_perod'"):
@@ -67,6 +70,42 @@ def test_sweep_mistakes_name_the_key_and_the_fix(tmp_path):
         check_sweep(load_sweep("ddpo_digits", ["mode=best"]))
     with pytest.raises(Exception, match="unknown config key 'trainer.epoch'; did you mean 'trainer.epochs'"):
         check_sweep(load_sweep("ddpo_digits", ["trainer.epoch=3"]))
+
+
+def test_pbt_sweep_mistakes_name_the_key_and_the_fix(tmp_path):
+    def pbt(search_space: dict | None = None, **scheduler):
+        space = {} if search_space is None else {"search_space": search_space}
+        return load_sweep(str(write_sweep(tmp_path / "pbt.yaml", scheduler={"name": "pbt", **scheduler}, **space)), [])
+
+    with pytest.raises(SweepError, match="perturbation_interval=None must be a whole number of epochs"):
+        check_sweep(pbt())
+    with pytest.raises(SweepError, match="burn_in_period=3 must be a multiple of perturbation_interval=2"):
+        check_sweep(pbt(perturbation_interval=2, burn_in_period=3))
+    with pytest.raises(SweepError, match="hyperparam_mutations: unknown config key 'algo.clip_rang'; did you mean "
+                                         "'algo.clip_range'"):  # fmt: skip
+        check_sweep(pbt(perturbation_interval=2, hyperparam_mutations={"algo.clip_rang": {"choice": [0.1]}}))
+    with pytest.raises(SweepError, match=r"hyperparam_mutations.algo.lr must be one of \{choice\|grid"):
+        check_sweep(pbt(perturbation_interval=2, hyperparam_mutations={"algo.lr": [1e-4, 1e-3]}))
+    with pytest.raises(SweepError, match="PBT cannot mutate policy.lora_rank: a trial continues another trial's"):
+        check_sweep(pbt(perturbation_interval=2, hyperparam_mutations={"policy.lora_rank": {"choice": [4, 8]}}))
+    with pytest.raises(SweepError, match="pbt has nothing to mutate"):
+        check_sweep(pbt(search_space={}, perturbation_interval=2))
+    with pytest.raises(SweepError, match="scheduler pbt: unknown option 'perturbation_intervall'; did you mean "
+                                         "'perturbation_interval'"):  # fmt: skip
+        make_scheduler(pbt(perturbation_intervall=2), epochs=4)
+
+
+def test_pbt_mutates_what_the_sweep_says_in_search_space_syntax_or_else_the_search_space():
+    sweep = load_sweep("ddpo_pbt", [])
+    assert f"eval.every={sweep['scheduler']['perturbation_interval']}" in sweep["overrides"]  # ranked by fresh evals
+    mutations = make_scheduler(sweep, epochs=30)._hyperparam_mutations
+    assert mutations["algo.clip_range"] == [1.0e-4, 1.0e-3, 1.0e-2]  # a list: PBT steps to a neighbouring value
+    assert (mutations["algo.lr"].lower, mutations["algo.lr"].upper) == (3.0e-5, 1.0e-3)  # a domain: PBT scales it
+    sweep["search_space"] = {"algo.lr": {"grid": [1.0e-4, 1.0e-3]}}
+    del sweep["scheduler"]["hyperparam_mutations"]
+    assert rlft_tune.mutations(sweep) == {"algo.lr": [1.0e-4, 1.0e-3]}
+    sweep["scheduler"]["hyperparam_mutations"] = {"algo.clip_range": {"uniform": [0.001, 0.01]}}
+    assert rlft_tune.tuned_keys(sweep) == ["algo.lr", "algo.clip_range"]  # the results table's columns
 
 
 def test_search_space_becomes_tune_domains():
@@ -80,21 +119,39 @@ def test_search_space_becomes_tune_domains():
     assert (space["d"].lower, space["d"].upper) == (1, 5)
 
 
-def test_a_trial_reports_once_per_epoch_after_its_evaluation(monkeypatch):
+def test_a_trial_reports_once_per_epoch_after_its_evaluation_and_checkpoint(monkeypatch, tmp_path):
     sent = []
-    monkeypatch.setattr(tune, "report", sent.append)
-    hook = TuneReport("eval/target_fraction", epochs=5, eval_every=2)
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: sent.append((metrics, checkpoint)))
+    hook = TuneReport("eval/target_fraction", epochs=5, eval_every=2, checkpoint_every=3)
     hook("eval", {"epoch": 0, "metrics": {"eval/target_fraction": 0.1}})
     for epoch in range(1, 6):
         hook("metrics", {"epoch": epoch, "reward/mean": float(epoch)})
+        hook("replica", {"epoch": epoch})
         if epoch % 2 == 0 or epoch == 5:
             assert len(sent) == epoch - 1  # held back until the evaluation of this epoch arrives
             hook("eval", {"epoch": epoch, "metrics": {"eval/target_fraction": epoch / 10}})
-    assert [r["epoch"] for r in sent] == [1, 2, 3, 4, 5]
-    assert [r["eval/epoch"] for r in sent] == [0, 2, 2, 4, 5]
-    assert [r["eval/target_fraction"] for r in sent] == [0.1, 0.2, 0.2, 0.4, 0.5]
+        if epoch % 3 == 0 or epoch == 5:
+            assert len(sent) == epoch - 1  # and until its checkpoint is committed
+            (tmp_path / f"epoch_{epoch:06d}").mkdir()
+            hook("checkpoint", {"epoch": epoch, "path": str(tmp_path / f"epoch_{epoch:06d}")})
+        assert len(sent) == epoch
+    metrics = [m for m, _ in sent]
+    assert [r["epoch"] for r in metrics] == [1, 2, 3, 4, 5]
+    assert [r["eval/epoch"] for r in metrics] == [0, 2, 2, 4, 5]
+    assert [r["eval/target_fraction"] for r in metrics] == [0.1, 0.2, 0.2, 0.4, 0.5]
+    assert [c and Path(c.path).name for _, c in sent] == [None, None, "epoch_000003", None, "epoch_000005"]
+    assert not any("tune/restored_from" in r for r in metrics)
+
+    sent.clear()
+    restored = TuneReport("reward/mean", epochs=5, eval_every=5, checkpoint_every=5, restored_from="b/checkpoint_1")
+    restored("start", {"epoch": 3, "policy_version": 3})
+    restored("metrics", {"epoch": 4, "reward/mean": 0.4})
+    restored("metrics", {"epoch": 5, "reward/mean": 0.5})
+    restored("start", {"epoch": 4, "policy_version": 4})  # learners restarted before epoch 5's checkpoint: redone
+    restored("eval", {"epoch": 5, "metrics": {}})
+    assert [(m["epoch"], m["tune/restored_from"]) for m, _ in sent] == [(4, "b/checkpoint_1")]
     with pytest.raises(SweepError, match="metric 'eval/typo' is not among this run's metrics"):
-        TuneReport("eval/typo", epochs=5, eval_every=2)("metrics", {"epoch": 1, "reward/mean": 0.0})
+        TuneReport("eval/typo", epochs=5, eval_every=2, checkpoint_every=5)("metrics", {"epoch": 1, "reward/mean": 0.0})
 
 
 def run_tune(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -107,10 +164,7 @@ def run_tune(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_a_two_trial_sweep_through_real_ray_tune_then_resumes_without_rerunning(tiny_model_dir, tmp_path):
     sweep_file = write_sweep(tmp_path / "tiny.yaml", overrides=[
-        f"env.base_model={tiny_model_dir}", "env.num_inference_steps=4", "trainer.rollout_batch_size=8",
-        "trainer.samples_per_epoch=16", "algo.minibatch_size=8", "eval.num_samples=8",
-        "ray.rollout_threads=1", "ray.learner_threads=1", "ray.num_rollout_workers=1",
-        "trainer.epochs=2", "eval.every=1", "logging.wandb=disabled",
+        f"env.base_model={tiny_model_dir}", *TINY_TRIALS, "trainer.epochs=2",
     ], scheduler={"name": "fifo"}, max_concurrent_trials=2, resources_per_trial={"cpu": 0.5}, num_cpus=6)  # fmt: skip
     args = [str(sweep_file), "storage_path=sweeps"]
     first = run_tune(args, tmp_path)
@@ -143,3 +197,48 @@ def test_a_two_trial_sweep_through_real_ray_tune_then_resumes_without_rerunning(
     assert "resuming the sweep" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/run/metrics.jsonl")} == stamps
     assert pd.read_csv(sweep_dir / "results.csv").equals(table)
+
+
+def metric_lines(run_dir: Path, key: str) -> dict:
+    """epoch -> `key` in a run's metrics.jsonl"""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {m["epoch"]: m[key] for m in lines if key in m}
+
+
+@pytest.mark.slow
+def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint_with_a_new_lr(tiny_model_dir, tmp_path):
+    # trials run without Ray inside them (ray.enabled=false; the sweep test above has Ray Train in Tune trials), so
+    # this is about PBT and checkpoints. synch: both trials stop at epoch 2, the worse one continues from the better
+    # one's checkpoint with a mutated lr, the better one from its own, and both train epoch 3.
+    sweep_file = write_sweep(tmp_path / "pbt.yaml", overrides=[
+        f"env.base_model={tiny_model_dir}", *TINY_TRIALS, "trainer.epochs=3", "ray.enabled=false",
+    ], scheduler={"name": "pbt", "perturbation_interval": 2, "synch": True,
+                  "hyperparam_mutations": {"algo.lr": {"loguniform": [1.0e-5, 1.0e-2]}}},
+        max_concurrent_trials=2, resources_per_trial={"cpu": 0.5}, num_cpus=6)  # fmt: skip
+    result = run_tune([str(sweep_file), "storage_path=sweeps"], tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    sweep_dir = tmp_path / "sweeps" / "pbt"
+    # Tune's record of the exploit: [trial, cloned trial, iterations, the clone's config, the new config]
+    [exploit] = [json.loads(line) for line in (sweep_dir / "pbt_global.txt").read_text().splitlines()]
+    restored_from = {trial.name: json.loads((trial / "result.json").read_text().splitlines()[-1])["tune/restored_from"]
+                     for trial in sweep_dir.glob("run_trial_*")}  # fmt: skip
+    [(trial, source)] = [(t, s) for t, s in restored_from.items() if not s.startswith(f"{t}/")]
+    donor = source.split("/")[0]
+    assert exploit[0] in trial and exploit[1] in donor
+
+    trial_run, donor_run = sweep_dir / trial / "run", sweep_dir / donor / "run"
+    copied = json.loads((trial_run / "checkpoints" / "epoch_000002" / "state.json").read_text())
+    original = json.loads((donor_run / "checkpoints" / "epoch_000002" / "state.json").read_text())
+    assert copied["files"] == original["files"]  # the donor's weights, optimizer moments and RNG, byte for byte
+    assert Path(copied["config"]["logging"]["run_dir"]) == donor_run
+    new_lr = exploit[5]["algo.lr"]
+    assert new_lr != exploit[4]["algo.lr"] == metric_lines(donor_run, "train/lr")[3]
+    lr = metric_lines(trial_run, "train/lr")
+    assert lr[1] == lr[2] != lr[3] == pytest.approx(new_lr)  # the optimizer's lr is the mutated one
+    assert yaml.safe_load((trial_run / "config.yaml").read_text())["algo"]["lr"] == pytest.approx(new_lr)
+    assert metric_lines(trial_run, "policy_version") == {1: 1, 2: 2, 3: 3}  # epoch 3 continued the donor's epoch 2
+    reward, donor_reward = metric_lines(trial_run, "reward/mean"), metric_lines(donor_run, "reward/mean")
+    assert reward[2] != donor_reward[2] and reward[3] == donor_reward[3]  # epoch 3 sampled the donor's weights
+    table = pd.read_csv(sweep_dir / "results.csv")
+    assert list(table["status"]) == ["done", "done"] and list(table["epochs"]) == [3, 3]
+    assert table.set_index("run_dir")["algo.lr"][str(trial_run)] == pytest.approx(new_lr)
