@@ -43,15 +43,21 @@ class LearnerContext:
     device: torch.device
     world_size: int = 1
 
-    def minibatches(self) -> Iterator[TensorDict]:
-        """One reshuffled pass over the buffer; with DDP, every replica takes the same number of steps."""
-        count = math.ceil(len(self.buffer) / self.buffer.minibatch_size)
+    def minibatch_count(self, size: int) -> int:
+        """Minibatches of `size` in one pass over the buffer; with DDP, the fewest of any replica, so that every
+        replica takes the same number of steps."""
+        count = math.ceil(len(self.buffer) / size)
         if self.world_size > 1:
             import torch.distributed as dist
 
             synced = torch.tensor([count], device=self.device)
             dist.all_reduce(synced, op=dist.ReduceOp.MIN)
             count = int(synced)
+        return count
+
+    def minibatches(self) -> Iterator[TensorDict]:
+        """One reshuffled pass over the buffer; with DDP, every replica takes the same number of steps."""
+        count = self.minibatch_count(self.buffer.minibatch_size)
         for i, minibatch in enumerate(self.buffer.minibatches()):
             if i >= count:
                 return

@@ -14,7 +14,10 @@ Two variants (`variant`):
 
   with u^b_k the control of the policy that made the trajectory (recovered from the stored noise z_k: the base
   increment (x_{k+1} - mean^base_k) / sigma_k equals u^b_k + z_k). At the optimum Q is the posterior path measure
-  and L is the same constant (-log Z) for every trajectory, so the loss is the batch variance of L. The path is
+  and L is the same constant (-log Z(y)) for every trajectory of one measurement y, so the loss is the variance
+  of L over the paths of each measurement, pooled over measurements (an env with `samples_per_case` > 1 draws
+  each training measurement that many times in a row, and minibatches keep those paths together; with one
+  sample per measurement it is the batch variance, which also carries the spread of log Z(y)). The path is
   detached and L is its exact log-density ratio whatever policy made it, so stale buffers give valid gradients
   (Nusken & Richter 2021; Richter et al. 2020, VarGrad). The reference tricks: drop samples whose L exceeds
   `loss_threshold`, and backpropagate through a random `timestep_fraction` of the steps plus the last
@@ -26,7 +29,7 @@ The h-net sees x_t, the Tweedie estimate x0_hat = (x_t - sqrt(1 - a_t) eps_theta
 gradient g = grad_x log p(y | x) at x0_hat (scaled to unit RMS), and adds a learned per-step multiple of g itself:
 h = body([x_t, x0_hat, g / rms(g)], t) + s_t g, with the body's last layer and s_t zero at the start (h = 0: the
 base model). h is zero on deterministic steps (the last DDIM step onto alpha-bar = 1), where a path density has
-no room for a control.
+no room for a control. For the log-variance loss its output is scaled per step to control units (`control_units`).
 
 Batch schema (log_variance; from `rlft.rollout` with ROLLOUT_KEYS = ("noise", "base_output")):
     latents      [B, T+1, C, H, W]   x_T ... x_0
@@ -63,7 +66,7 @@ class DEFTConfig:
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm) before each optimizer step
     minibatch_size: int = 32  # trajectories per optimizer step (the variance is taken over them)
     passes: int = 2  # passes over the buffer per epoch (valid off-policy, so reuse is sound)
-    timestep_fraction: float = 0.2  # random share of the stochastic steps that get gradients (per minibatch)
+    timestep_fraction: float = 1.0  # random share of the stochastic steps that get gradients (per minibatch)
     always_train_last: int = 2  # the last stochastic steps always get gradients
     loss_threshold: float = 1.0e5  # samples whose L exceeds this are left out of the variance (reference trick)
     min_kept_fraction: float = 0.3  # skip the optimizer step when fewer samples than this share survive
@@ -80,7 +83,7 @@ def uses_rollouts(cfg: DEFTConfig) -> bool:
 class HTransform(nn.Module):
     """h(x_t, t, y) = body([x_t, x0_hat, g / rms(g)], t) + s_t g, with g = grad_x log p(y | x) at x0_hat."""
 
-    def __init__(self, sample_shape, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, stochastic: torch.Tensor,
+    def __init__(self, sample_shape, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, output_scale: torch.Tensor,
                  log_likelihood, channels: list[int]):  # fmt: skip
         super().__init__()
         from diffusers import UNet2DModel
@@ -98,7 +101,7 @@ class HTransform(nn.Module):
         self.guidance_scale = nn.Parameter(torch.zeros(len(timesteps)))  # s_t, one per sampler step
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)  # [num_train_timesteps]
         self.register_buffer("timesteps", timesteps.long(), persistent=False)  # [T] the sampler's timesteps
-        self.register_buffer("stochastic", stochastic.float(), persistent=False)  # [T] 1 where std > 0
+        self.register_buffer("output_scale", output_scale.float(), persistent=False)  # [T] see control_units
         self.log_likelihood = log_likelihood  # (x [B, C, H, W], y [B, *m]) -> [B], differentiable in x
 
     def likelihood_gradient(self, x0_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -119,7 +122,7 @@ class HTransform(nn.Module):
         if self.body is not None:
             rms = gradient.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1)
             h = h + self.body(torch.cat([x_t, x0_hat, gradient / (rms + 1e-8)], dim=1), timestep).sample
-        return h * self.stochastic[step].view(-1, 1, 1, 1)
+        return h * self.output_scale[step].view(-1, 1, 1, 1)
 
 
 def make_correction(cfg: DEFTConfig, env, scheduler_config: dict) -> HTransform:
@@ -132,29 +135,56 @@ def make_correction(cfg: DEFTConfig, env, scheduler_config: dict) -> HTransform:
         raise ValueError("algo.variant=supervised trains on (x, y) pairs of an inverse-problem env; use "
                          "env=digits_sr or env=digits_inpaint, or algo.variant=log_variance")  # fmt: skip
     alphas_cumprod = DDPMScheduler.from_config(dict(scheduler_config)).alphas_cumprod
-    stochastic = torch.zeros(env.schedule.num_steps)
-    stochastic[env.schedule.stochastic_steps.cpu()] = 1.0
     reward = env.reward.fn
-    return HTransform(env.sample_shape, alphas_cumprod, env.schedule.timesteps.cpu(), stochastic, reward,
+    # score matching regresses h in the units of the noise prediction; only the path loss wants control units
+    scale = control_units(env.schedule) if cfg.variant == "log_variance" else control_units(env.schedule).sign()
+    return HTransform(env.sample_shape, alphas_cumprod, env.schedule.timesteps.cpu(), scale, reward,
                       cfg.hnet_channels)  # fmt: skip
+
+
+def control_units(schedule) -> torch.Tensor:
+    """[T] per sampler step, the h that moves the step's mean by one standard deviation of its noise (u_k = 1), and 0
+    on deterministic steps. The h-net's outputs are multiplied by it, so they are controls u_k in units of the step
+    noise: a reparameterisation that leaves the loss as it is. It matters at the last stochastic step onto alpha-bar
+    ~ 1, whose noise is tiny (std ~0.006 for 10 DDIM steps): there one unit of h is a control ~27x that of the other
+    steps, so equal optimizer steps on every step's h made that step's control energy, and L, blow up."""
+    scale = torch.zeros(schedule.num_steps)
+    for k in schedule.stochastic_steps.tolist():
+        eps = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+        step = ddim_step(eps, torch.zeros_like(eps), schedule.alpha_prod[k].cpu(), schedule.alpha_prod_prev[k].cpu(),
+                         schedule.eta, noise=torch.zeros_like(eps))  # fmt: skip
+        scale[k] = (step.std[0] / (step.mean[1] - step.mean[0]).abs()).item()
+    return scale
 
 
 # ---- the losses ----
 def log_variance_loss(
     control: torch.Tensor, behaviour_control: torch.Tensor, noise: torch.Tensor, log_likelihood: torch.Tensor,
-    loss_threshold: float = float("inf"),
+    loss_threshold: float = float("inf"), groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """VarGrad loss of DEFT (Denker et al. 2024, app. G.3, eq. for log dQ/dP) over one batch of detached paths.
 
-    control, behaviour_control, noise: [B, K, D] per stochastic step (u_k, u^b_k, z_k); log_likelihood: [B].
+    control, behaviour_control, noise: [B, K, D] per stochastic step (u_k, u^b_k, z_k); log_likelihood: [B];
+    groups: [B] the measurement each path belongs to (None: all one measurement).
         L_i = sum_k (-1/2 |u_k|^2 + <u^b_k, u_k> + <u_k, z_k>) - log p(y | x_0)
-        loss = Var_i(L_i) over the samples with L_i <= loss_threshold
+        loss = sum_i (L_i - mean_{g(i)} L)^2 / (n - #groups) over the samples with L_i <= loss_threshold
+    i.e. the variance of L within each measurement's group, pooled (one group: the batch variance). App. G.3
+    takes the variance over paths of ONE measurement: at the h-transform L_i = -log Z(y_i), constant per
+    measurement but not across them, so a variance over mixed measurements keeps Var_y log Z(y), which no h
+    can remove and which only adds noise to the gradient.
     Returns the loss and per-sample values (`objective` [B] and the `kept` mask [B]).
     """
     log_rnd = (-0.5 * control.pow(2) + behaviour_control * control + control * noise).sum(dim=(1, 2))  # [B]
     objective = log_rnd - log_likelihood
     kept = objective.detach() <= loss_threshold
-    loss = objective[kept].var() if int(kept.sum()) > 1 else objective.sum() * 0.0
+    groups = torch.zeros_like(kept, dtype=torch.long) if groups is None else groups
+    _, group = torch.unique(groups[kept], return_inverse=True)  # [n] 0 .. #groups - 1
+    values = objective[kept]
+    num_groups = int(group.max()) + 1 if len(values) else 0
+    size = torch.zeros(num_groups, device=values.device).index_add_(0, group, torch.ones_like(values))
+    mean = torch.zeros(num_groups, device=values.device).index_add_(0, group, values) / size
+    dof = len(values) - num_groups
+    loss = (values - mean[group]).pow(2).sum() / dof if dof > 0 else objective.sum() * 0.0
     return loss, {"objective": objective.detach(), "kept": kept, "log_rnd": log_rnd.detach()}
 
 
@@ -203,13 +233,35 @@ def controls(ctx: LearnerContext, batch: TensorDict, train_steps: set[int]) -> t
     return torch.stack(control, 1), torch.stack(behaviour, 1), torch.stack(noises, 1)
 
 
+def per_measurement(ctx: LearnerContext) -> bool:
+    """Whether the env samples each training measurement several times, so L is compared within measurements."""
+    return getattr(ctx.env, "samples_per_case", 1) > 1
+
+
+def measurement_groups(batch: TensorDict) -> torch.Tensor:
+    """[B] an index of each path's measurement y (paths with equal contexts share it)."""
+    return torch.unique(batch["context"].flatten(1), dim=0, return_inverse=True)[1]
+
+
+def measurement_minibatches(ctx: LearnerContext, size: int):
+    """One pass over the buffer in minibatches of whole measurement groups, the groups in random order (the buffer's
+    own shuffle would scatter a measurement's samples over minibatches, leaving nothing to compare them with)."""
+    contents = ctx.buffer.contents()
+    group = measurement_groups(contents)
+    rank = torch.randperm(int(group.max()) + 1, generator=ctx.generator)[group]
+    order = torch.sort(rank, stable=True).indices
+    for i in range(ctx.minibatch_count(size)):
+        yield contents[order[i * size : (i + 1) * size]].to(ctx.device)
+
+
 def log_variance_step(ctx: LearnerContext, batch: TensorDict, cfg: DEFTConfig) -> dict[str, float]:
     steps = ctx.policy.schedule.stochastic_steps.tolist()
     num_random = round(cfg.timestep_fraction * len(steps))
     order = torch.randperm(len(steps), generator=ctx.generator).tolist()
     train_steps = {steps[i] for i in order[:num_random]} | set(steps[len(steps) - cfg.always_train_last :])
     control, behaviour, noise = controls(ctx, batch, train_steps)
-    loss, info = log_variance_loss(control, behaviour, noise, batch["reward"].float(), cfg.loss_threshold)
+    groups = measurement_groups(batch) if per_measurement(ctx) else None
+    loss, info = log_variance_loss(control, behaviour, noise, batch["reward"].float(), cfg.loss_threshold, groups)
     kept_fraction = info["kept"].float().mean().item()
     ctx.optimizer.zero_grad(set_to_none=True)
     stepped = kept_fraction >= cfg.min_kept_fraction
@@ -268,4 +320,7 @@ def update(ctx: LearnerContext, cfg: DEFTConfig, state: dict) -> dict[str, float
     `supervised_steps` optimizer steps on fresh (x, y, t) triples."""
     if cfg.variant == "supervised":
         return mean_over_steps([supervised_step(ctx, cfg) for _ in range(cfg.supervised_steps)])
-    return mean_over_steps([log_variance_step(ctx, mb, cfg) for _ in range(cfg.passes) for mb in ctx.minibatches()])
+    def minibatches():
+        return measurement_minibatches(ctx, cfg.minibatch_size) if per_measurement(ctx) else ctx.minibatches()
+
+    return mean_over_steps([log_variance_step(ctx, mb, cfg) for _ in range(cfg.passes) for mb in minibatches()])

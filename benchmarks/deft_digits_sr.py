@@ -7,7 +7,7 @@ Every method samples with the same DDIM schedule (env.num_inference_steps, eta =
 noise on the same held-out cases (digits never seen by the base model or the h-net):
 - base: the unconditional base model (ignores y);
 - DPS: the base model plus a gradient step per sampling step on ||y - A(x0_hat(x_t))|| through the network
-  (Chung et al. 2023, step zeta / ||y - A(x0_hat)||), zeta chosen on TRAIN cases from a small grid;
+  (Chung et al. 2023, step zeta / ||y - A(x0_hat)||), zeta chosen on 64 samples of TRAIN cases from a grid;
 - DEFT log-variance and DEFT supervised: the base model plus the trained h-net (algorithms/deft.py), trained on
   measurements of the train split through the same learner / rollout-worker loop as `python -m rlft.run`.
 Prints a table and writes benchmarks/results/deft_digits_sr.json.
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--supervised-steps", type=int, default=1000, help="DEFT supervised optimizer steps")
     parser.add_argument("--eval-samples", type=int, default=96, help="held-out samples (6 per case)")
     parser.add_argument("--eval-seed", type=int, default=1234)
-    parser.add_argument("--zetas", default="3,10,30", help="DPS step sizes tried on train cases")
+    parser.add_argument("--zetas", default="1,2,5,10,15,20,30,50,100", help="DPS step sizes tried on train cases")
     parser.add_argument("--out", default=str(RESULTS / "deft_digits_sr.json"))
     args = parser.parse_args()
     if args.threads:
@@ -115,20 +115,20 @@ def main() -> None:
     device = torch.device(args.device)
     rows: dict[str, dict] = {}
 
-    base_cfg = run_config("ddpo", args)
+    base_cfg = run_config("ddpo", args, "env.samples_per_case=1")  # DPS is tuned on 64 distinct train cases
     base = RolloutWorker(base_cfg)
     base_params = sum(p.numel() for p in base.policy.unet.parameters())
     rows["base (unconditional)"] = {**evaluate(base, args), "train_s": 0.0, "trainable_params": 0}
 
     train_env = base.env  # DPS's step size is chosen on TRAIN measurements, then used on the held-out cases
-    tuning = {z: dps_metrics(base, train_env, 99, z, args.batch)["psnr"] for z in map(float, args.zetas.split(","))}
+    tuning = {z: dps_metrics(base, train_env, 99, z, 2 * args.batch)["psnr"] for z in map(float, args.zetas.split(","))}
     zeta = max(tuning, key=tuning.get)
     rows[f"DPS (zeta={zeta:g})"] = {**dps_metrics(base, build_eval_env(base_cfg, base.env), args.eval_seed, zeta,
                                                  args.eval_samples), "train_s": 0.0, "trainable_params": 0}  # fmt: skip
 
     variants = {
         "DEFT log-variance": run_config("deft", args, f"trainer.epochs={args.epochs}", "trainer.max_staleness=1",
-                                        f"trainer.buffer_capacity={args.batch * 4}",
+                                        f"trainer.buffer_capacity={args.batch * 4}", "trainer.lr_schedule=cosine",
                                         f"eval.every={args.epochs}"),
         "DEFT supervised": run_config("deft", args, "algo.variant=supervised", "trainer.epochs=1",
                                       f"algo.supervised_steps={args.supervised_steps}", "eval.every=1"),

@@ -14,6 +14,7 @@ samples and the ground truth side by side for each fixed evaluation case.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -115,9 +116,11 @@ class MeasurementCases:
     def __len__(self) -> int:
         return len(self.images)
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Measurements of `n` cases drawn uniformly (the training context sampler)."""
-        return self.measurements[torch.randint(len(self), (n,), generator=generator)]
+    def sample(self, n: int, generator: torch.Generator, repeats: int = 1) -> torch.Tensor:
+        """Measurements of cases drawn uniformly (the training context sampler), each `repeats` times in a row: a
+        posterior sampler can then compare several samples of one measurement (DEFT's per-measurement VarGrad)."""
+        rows = torch.randint(len(self), (-(-n // repeats),), generator=generator)
+        return self.measurements[rows.repeat_interleave(repeats)[:n]]
 
     def fixed(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """The first cases in order, each SAMPLES_PER_CASE times in a row (evaluation; `generator` unused)."""
@@ -145,10 +148,13 @@ def psnr(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 class InverseProblemEnv(DenoisingEnv):
     """A denoising env whose context is the measurement y of a case drawn from `cases`."""
 
-    def __init__(self, *args, operator, sigma_y: float, cases: MeasurementCases, evaluation: bool = False, **kwargs):
-        sampler = cases.fixed if evaluation else cases.sample
+    def __init__(self, *args, operator, sigma_y: float, cases: MeasurementCases, evaluation: bool = False,
+                 samples_per_case: int = 1, **kwargs):  # fmt: skip
+        if samples_per_case < 1:
+            raise ValueError(f"env.samples_per_case must be a positive integer, got {samples_per_case}")
+        sampler = cases.fixed if evaluation else partial(cases.sample, repeats=samples_per_case)
         super().__init__(*args, context_sampler=sampler, context_shape=tuple(cases.measurements.shape[1:]), **kwargs)
-        self.operator, self.sigma_y, self.cases = operator, sigma_y, cases
+        self.operator, self.sigma_y, self.cases, self.samples_per_case = operator, sigma_y, cases, samples_per_case
 
     @torch.no_grad()
     def describe(self, images: torch.Tensor, context: torch.Tensor) -> dict:

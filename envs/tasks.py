@@ -129,6 +129,7 @@ def make_inverse_env(
         sigma_y=env_cfg["sigma_y"],
         cases=cases,
         evaluation=evaluation,
+        samples_per_case=env_cfg["samples_per_case"],
         device=device,
     )
 
@@ -147,7 +148,7 @@ def make_task_env(
 
 def _digits_inverse_cfg(operator: str, num_inference_steps: int, eta: float, sigma_y: float) -> dict:
     return dict(dataset="digits", operator=operator, scale=4, hole_fraction=0.5, sigma_y=sigma_y, noise_seed=0,
-                num_inference_steps=num_inference_steps, eta=eta)  # fmt: skip
+                samples_per_case=1, num_inference_steps=num_inference_steps, eta=eta)  # fmt: skip
 
 
 def _make_digits_inverse_vector_env(operator: str):

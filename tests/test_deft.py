@@ -12,12 +12,13 @@ from gymnasium.utils.env_checker import check_env
 from tensordict import TensorDict
 from torch import nn
 
-from algorithms import LearnerContext, deft
+from algorithms import RUN_KEYS, LearnerContext, deft
 from envs.denoising import DenoisingEnv
 from envs.digits import load_digits
 from envs.inverse import InverseProblemEnv, MeasurementCases, SuperResolution, make_operator
 from envs.rewards import make_reward
 from envs.schedule import DDIMSchedule
+from rlft.buffer import TrajectoryBuffer
 from rlft.learner import Learner
 from rlft.policy import DiffusionPolicy, ddim_step
 from rlft.rollout import RolloutWorker
@@ -181,6 +182,37 @@ def test_loss_drops_huge_samples_and_its_gradient_is_the_variance_gradient():
     assert control.grad[3].abs().sum() == 0  # a dropped sample gives no gradient
 
 
+def test_loss_is_the_variance_within_each_measurement_pooled():
+    """Paths of several measurements: L is compared only with paths of the same y (-log Z(y) differs across y)."""
+    control = torch.randn(7, 3, 4, requires_grad=True)
+    behaviour, noise = torch.randn(7, 3, 4), torch.randn(7, 3, 4)
+    log_likelihood = torch.tensor([-1.0, -2.0, -30.0, -31.0, -33.0, -1e6, -60.0])  # the last is alone in its group
+    groups = torch.tensor([0, 0, 4, 4, 4, 4, 9])
+    loss, info = deft.log_variance_loss(control, behaviour, noise, log_likelihood, 1e3, groups)
+    objective = info["objective"]
+    first, second = objective[:2], objective[2:5]  # sample 5 is dropped, sample 6 has no partner
+    expected = ((first - first.mean()).pow(2).sum() + (second - second.mean()).pow(2).sum()) / (5 - 2)
+    torch.testing.assert_close(loss, expected)
+    shifted, _ = deft.log_variance_loss(control, behaviour, noise, log_likelihood - 10 * groups, 1e3, groups)
+    torch.testing.assert_close(shifted, loss)  # a constant per measurement (log Z(y)) leaves the loss unchanged
+    loss.backward()
+    assert control.grad[6].abs().sum() == 0
+
+
+def test_measurement_minibatches_keep_each_measurements_samples_together():
+    cases = MeasurementCases.make(torch.randn(50, 1, 4, 4), make_operator("sr", 2), 0.1, noise_seed=0)
+    contexts = cases.sample(12, torch.Generator().manual_seed(0), repeats=4)
+    assert all(torch.equal(contexts[i], contexts[i - i % 4]) for i in range(12))
+    assert not torch.equal(contexts[0], contexts[4])
+    buffer = TrajectoryBuffer(capacity=12, minibatch_size=4, max_staleness=0)
+    buffer.add("batch", TensorDict({"context": contexts, "index": torch.arange(12),
+                                    "policy_version": torch.zeros(12)}, [12]))  # fmt: skip
+    ctx = LearnerContext(None, None, None, None, buffer, torch.Generator().manual_seed(1), torch.device("cpu"))
+    minibatches = list(deft.measurement_minibatches(ctx, 4))
+    assert sorted(torch.cat([mb["index"] for mb in minibatches]).tolist()) == list(range(12))
+    assert all(len(deft.measurement_groups(mb).unique()) == 1 for mb in minibatches)
+
+
 # ---- the inverse-problem envs ----
 def test_operators_and_the_measurement_reward_gradient():
     x = torch.randn(3, 1, 16, 16, requires_grad=True)
@@ -273,7 +305,7 @@ def test_config_composes_the_measurement_reward_and_matches_the_dataclass():
     assert compose("config", ["env=digits_inpaint", "reward=digit"]).reward.name == "digit"  # unless told otherwise
     fields = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
               for f in dataclasses.fields(deft.Config)}  # fmt: skip
-    assert {k: v for k, v in OmegaConf.to_container(cfg.algo).items() if k != "name"} == fields
+    assert {k: v for k, v in OmegaConf.to_container(cfg.algo).items() if k not in RUN_KEYS} == fields
     with pytest.raises(FileNotFoundError, match="env.base_model=/path/to/model"):
         validate(compose("config", ["algo=deft", "env=flowers102_sr"]))
 
