@@ -286,11 +286,3 @@ def test_config_requires_the_memoryless_schedule():
     with pytest.raises(ConfigError, match="passes_per_buffer"):
         validate(compose("config", ["algo=adjoint_matching", "algo.passes_per_buffer=0"]))
     validate(compose("config", ["algo=adjoint_matching"]))
-
-
-def test_yaml_defaults_equal_the_config_dataclass():
-    import dataclasses
-
-    cfg = compose("config", ["algo=adjoint_matching"])
-    fields = {f.name: f.default for f in dataclasses.fields(am.Config)}
-    assert {k: v for k, v in cfg.algo.items() if k != "name"} == fields

@@ -1,6 +1,7 @@
 """Config errors are caught before Ray starts and name the key, the values and the fix."""
 
 import pytest
+from omegaconf import OmegaConf
 
 import algorithms.ddpo
 from rlft.config import CONFIG_DIR, ConfigError, compose, validate
@@ -63,9 +64,13 @@ def test_every_config_key_has_a_comment():
                 assert "#" in line, f"{path.name}:{number} has no comment: {line.strip()}"
 
 
-def test_algorithm_yaml_defaults_equal_the_config_dataclass():
+@pytest.mark.parametrize("name", ["ddpo", "draft", "adjoint_matching", "deft"])
+def test_algorithm_yaml_defaults_equal_the_config_dataclass(name):
     import dataclasses
 
-    cfg = compose("config", [])
-    fields = {f.name: f.default for f in dataclasses.fields(algorithms.ddpo.Config)}
-    assert {k: v for k, v in cfg.algo.items() if k not in algorithms.RUN_KEYS} == fields
+    cfg = compose("config", [f"algo={name}"])
+    fields = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(algorithms.load_algorithm(name).Config)}  # fmt: skip
+    algo = OmegaConf.to_container(cfg.algo)
+    assert {k: v for k, v in algo.items() if k not in algorithms.RUN_KEYS} == fields
+    assert cfg.trainer.epochs == cfg.algo.epochs  # the algorithm's run length, unless the command line sets one
