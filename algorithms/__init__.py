@@ -10,7 +10,8 @@
                                     and log-probabilities ("noise"; "base_output": the frozen base network's prediction)
     make_state(cfg)                 the algorithm's own learner-side state (state_dict / load_state_dict)
     prepare(batch, cfg, state)      learner side, when trajectories arrive: -> (batch, metrics)
-    update(ctx, cfg, state)         one epoch's update (its own passes over ctx.buffer): -> metrics
+    update(ctx, cfg, state)         one epoch's update (its own passes over ctx.buffer): -> metrics; an update that
+                                    samples for itself reports how many trajectories as "perf/samples"
     make_correction(cfg, env, scheduler_config)   optional: a trainable module added to the noise prediction of
                                     the frozen base network (DEFT's h-transform); only its weights train and publish
 

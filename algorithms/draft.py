@@ -214,4 +214,4 @@ def update(ctx: LearnerContext, cfg: DRaFTConfig, state: DRaFTState) -> dict[str
     """`steps_per_epoch` optimizer steps, each on its own freshly sampled batch."""
     metrics = mean_over_steps([train_step(ctx, cfg, state) for _ in range(cfg.steps_per_epoch)])
     samples = cfg.steps_per_epoch * ctx.env.num_envs * (cfg.lv_samples if cfg.variant == "lv" else 1)
-    return {**metrics, "draft/samples": float(samples)}
+    return {**metrics, "perf/samples": float(samples)}  # the learner made them: its throughput counts these

@@ -174,7 +174,7 @@ def train(cfg: dict, rollouts: RolloutGroup, report: Report, device: torch.devic
             "perf/collect_s": collected - start,
             "perf/update_s": end - collected,
             "perf/epoch_s": end - start,
-            "perf/samples_per_s": samples * world_size / (end - start),
+            "perf/samples_per_s": metrics.get("perf/samples", samples) * world_size / (end - start),
         })  # fmt: skip
         metrics = mean_over_replicas(metrics, device)
         if rank == 0:

@@ -154,7 +154,7 @@ def test_update_raises_the_reward(tiny_model_dir, overrides):
     first = learner.update()
     second = learner.update()
     assert first["train/optimizer_steps"] == 10
-    assert first["draft/samples"] == 10 * 4 * (2 if "algo.variant=lv" in overrides else 1)
+    assert first["perf/samples"] == 10 * 4 * (2 if "algo.variant=lv" in overrides else 1)
     assert second["reward/mean"] > first["reward/mean"]
     assert all(
         not torch.equal(before[k], v) for k, v in learner.policy.trainable_state_dict().items() if "lora_A" not in k
@@ -238,7 +238,11 @@ def test_single_process_lv_run_with_lora_saves_adapters_only(tiny_model_dir, tmp
     )
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines if "eval/reward_mean" in m] == [0, 1, 2]
-    assert all({"loss/policy", "reward/mean", "train/grad_norm"} <= set(m) for m in lines if "policy_version" in m)
+    trained = [m for m in lines if "policy_version" in m]
+    assert all({"loss/policy", "reward/mean", "train/grad_norm"} <= set(m) for m in trained)
+    # throughput counts what the learner sampled (2 steps x a batch of 4 x 2 LV copies), not trainer.samples_per_epoch
+    assert all(m["perf/samples"] == 2 * 4 * 2 for m in trained)
+    assert all(m["perf/samples_per_s"] == pytest.approx(16 / m["perf/epoch_s"]) for m in trained)
     saved = load_file(str(run_dir / "final" / "policy.safetensors"))
     assert saved and all("lora_" in k for k in saved)
 
