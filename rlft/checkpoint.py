@@ -234,6 +234,12 @@ class Checkpoint:
                             _read_tensors(self.path / f"rank_{rank}.safetensors"))  # fmt: skip
 
 
+def due(epoch: int, every: int, last_epoch: int) -> bool:
+    """Whether a periodic event (a checkpoint, an evaluation, a Tune report's wait for them) falls on `epoch`:
+    every `every` epochs, and after the last."""
+    return epoch % every == 0 or epoch == last_epoch
+
+
 def _publish(tmp: Path, final: Path, epoch: int) -> None:
     """Rename a checkpoint whose files are all written and fsynced into place, then mark it committed."""
     if final.exists():  # an uncommitted folder of the same epoch from a killed run
@@ -340,7 +346,7 @@ class Checkpointer:
         return Path(self.run_dir) / "checkpoints"
 
     def due(self, epoch: int, last_epoch: int) -> bool:
-        return epoch % self.every == 0 or epoch == last_epoch
+        return due(epoch, self.every, last_epoch)
 
     def restore(self, learner) -> int:
         """Load the newest valid checkpoint into `learner`; returns its epoch (0 when there is none)."""

@@ -19,7 +19,7 @@ from tensordict import TensorDict
 
 from algorithms import LearnerContext, load_algorithm, make_config, uses_rollouts
 from rlft.buffer import TrajectoryBuffer
-from rlft.checkpoint import Checkpointer
+from rlft.checkpoint import Checkpointer, due
 from rlft.rollout import RolloutGroup, build_policy, derive_seed, set_torch_threads
 
 # (kind, payload): "metrics", "eval", "checkpoint" (committed), "weights", "replica" or "start"
@@ -180,7 +180,7 @@ def train(cfg: dict, rollouts: RolloutGroup, report: Report, device: torch.devic
         if rank == 0:
             report("metrics", {"epoch": epoch + 1, "policy_version": learner.policy_version, **metrics})
         report("replica", replica_summary(learner, epoch + 1, batches))
-        if (epoch + 1) % evaluation["every"] == 0 or epoch + 1 == trainer["epochs"]:
+        if due(epoch + 1, evaluation["every"], trainer["epochs"]):
             evaluate(epoch + 1)
         if checkpointer and checkpointer.due(epoch + 1, trainer["epochs"]):
             path = checkpointer.save(learner, epoch + 1)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from rlft.checkpoint import due
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -148,7 +150,7 @@ def fit_ddpm(images: torch.Tensor, unet_config: dict, cfg: DictConfig, out_dir: 
             for e, w in zip(ema.parameters(), unet.parameters(), strict=True):
                 e.lerp_(w, 1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if checkpoint is not None and ((step + 1) % p.checkpoint_every == 0 or step + 1 == p.ddpm_steps):
+        if checkpoint is not None and due(step + 1, p.checkpoint_every, p.ddpm_steps):
             save_checkpoint(checkpoint, unet, ema, optimizer, lr_schedule, generator, step + 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     ema.to("cpu").save_pretrained(out_dir, safe_serialization=True)

@@ -262,12 +262,11 @@ class TuneReport:
         if self.pending is not None and self.complete(self.pending["epoch"]):
             self.send()
 
-    def due(self, epoch: int, every: int) -> bool:
-        return epoch % every == 0 or epoch == self.epochs
-
     def complete(self, epoch: int) -> bool:
-        evaluated = not self.due(epoch, self.eval_every) or self.latest_eval.get("eval/epoch") == epoch
-        return evaluated and (not self.due(epoch, self.checkpoint_every) or self.checkpoint is not None)
+        from rlft.checkpoint import due
+
+        evaluated = not due(epoch, self.eval_every, self.epochs) or self.latest_eval.get("eval/epoch") == epoch
+        return evaluated and (not due(epoch, self.checkpoint_every, self.epochs) or self.checkpoint is not None)
 
     def send(self) -> None:
         from ray import tune
