@@ -99,8 +99,15 @@ class DiffusionPolicy(nn.Module):
         self.memory_format = torch.channels_last
         self.unet.to(memory_format=torch.channels_last)
 
-    def compile_network(self) -> None:
-        """torch.compile the network in place (parameter names unchanged, so weights still publish as before)."""
+    def compile_network(self, probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor], check_gradients: bool) -> None:
+        """torch.compile the network in place (parameter names unchanged, so weights still publish as before), then
+        check the compiled network against eager on `probe` = (x_t, timestep, context): its output and, with
+        `check_gradients`, the gradients of the trainable parameters.
+
+        Why check: a miscompiled backward trains silently wrong. With torch 2.13's inductor on CPU, the digits UNet's
+        compiled backward dropped the gradient through its lowest-resolution upsampler, so every weight at 4x4 got
+        a zero gradient while the output still matched eager. The check costs one eager and one compiled call."""
+        reference = self._probe(probe, check_gradients)
         options = None
         if self.memory_format == torch.channels_last:
             # inductor picks NHWC per graph by counting forward convolutions, so a backward graph (convolution
@@ -108,6 +115,37 @@ class DiffusionPolicy(nn.Module):
             # copies were 26% of a DDPO training call. Forcing the layout keeps the backward graph NHWC too.
             options = {"force_layout_optimization": True}
         self.unet.compile(dynamic=False, options=options)
+        compiled = self._probe(probe, check_gradients)
+        tolerance = 0.01 if self.autocast_dtype is None else 0.1  # loose: fusion reorders sums, bf16 rounds more
+        # errors relative to each tensor, floored at 1e-3 of all gradients' norm: some gradients are zero in exact
+        # arithmetic (an attention key's bias) and differ only by rounding
+        gradient_norms = [g.norm() for name, g in reference.items() if name != "output"]
+        scale = torch.stack(gradient_norms).norm() if gradient_norms else torch.zeros(())
+        errors = {}
+        for name, expected in reference.items():
+            floor = expected.norm() if name == "output" else torch.maximum(expected.norm(), 1e-3 * scale)
+            errors[name] = ((compiled[name] - expected).norm() / floor).nan_to_num(torch.inf).item()
+        wrong = sorted((name for name, error in errors.items() if error > tolerance), key=errors.get, reverse=True)
+        if wrong:
+            worst = ", ".join(f"{name} (relative error {errors[name]:.2g})" for name in wrong[:4])
+            raise RuntimeError(
+                f"torch.compile (torch {torch.__version__}, {self.device.type}) changed the network's results beyond "
+                f"{tolerance:g} relative error, checked against eager on one batch: {len(wrong)} of {len(reference)} "
+                f"tensors differ, worst {worst}. Training on it would be silently wrong; run with policy.compile=false "
+                "(eager), or try another torch version."
+            )
+
+    def _probe(self, probe: tuple[torch.Tensor, ...], gradients: bool) -> dict[str, torch.Tensor]:
+        """The network's output on `probe` and, with `gradients`, d(mean squared output)/d(trainable parameter)."""
+        trainable = {name: p for name, p in self.named_parameters() if p.requires_grad} if gradients else {}
+        with torch.set_grad_enabled(bool(trainable)):
+            output = self.base_forward(*probe).float()
+            result = {"output": output.detach()}
+            if trainable:
+                grads = torch.autograd.grad(output.square().mean(), list(trainable.values()), allow_unused=True)
+                result.update({name: (torch.zeros_like(p) if g is None else g).float()
+                               for (name, p), g in zip(trainable.items(), grads, strict=True)})  # fmt: skip
+        return result
 
     @property
     def device(self) -> torch.device:

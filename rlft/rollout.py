@@ -44,10 +44,12 @@ def set_torch_threads(cfg: dict, role: str) -> None:
     torch.set_num_threads(int(threads))
 
 
-def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]:
+def build_policy(cfg: dict, device: torch.device, training: bool = True) -> tuple[DiffusionPolicy, Any]:
     """The base model as a policy, plus a batched env of `rollout_batch_size` samples sharing its schedule.
 
-    An algorithm with `make_correction` (DEFT) adds its trainable module to the frozen base network."""
+    An algorithm with `make_correction` (DEFT) adds its trainable module to the frozen base network. With
+    `policy.compile`, the compiled network is checked against eager on the env's first observation (and, when
+    `training`, so are the trainable parameters' gradients)."""
     reward = cfg["reward"]
     if reward.get("remote"):  # scores come from the run's reward actor (rlft.remote_reward)
         from rlft.remote_reward import remote_reward
@@ -76,7 +78,8 @@ def build_policy(cfg: dict, device: torch.device) -> tuple[DiffusionPolicy, Any]
     if fast["channels_last"]:
         policy.use_channels_last()
     if fast["compile"]:
-        policy.compile_network()
+        observation, _ = env.reset(seed=cfg["seed"])
+        policy.compile_network((observation["x_t"], observation["timestep"], observation["context"]), training)
     return policy, env
 
 
@@ -95,7 +98,7 @@ class RolloutWorker:
                                    ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
         self.worker_index = worker_index
         self.cfg = cfg
-        self.policy, self.env = build_policy(cfg, self.device)
+        self.policy, self.env = build_policy(cfg, self.device, training=False)
         self.eval_env = build_eval_env(cfg, self.env)
         self.policy.eval().requires_grad_(False)
         self.policy_version = 0

@@ -1,0 +1,64 @@
+"""policy.compile: the compiled network is checked against eager before anything uses it (compile_network)."""
+
+import pytest
+import torch
+
+from rlft.rollout import build_policy
+from tests.helpers import tiny_cfg
+
+CPU = torch.device("cpu")
+
+
+def output_and_gradients(policy, observation) -> list[torch.Tensor]:
+    output = policy.base_forward(observation["x_t"], observation["timestep"], observation["context"])
+    params = [p for p in policy.parameters() if p.requires_grad]
+    return [output.detach(), *torch.autograd.grad((output**2).mean(), params)]
+
+
+@pytest.fixture(scope="module")
+def one_level_model_dir(tmp_path_factory):
+    """A UNet2DModel without down/upsamplers: torch 2.13's inductor on CPU drops the gradient behind a nearest
+    upsampler (the check refuses those networks, as it should), so the passing case uses a network without one."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    path = tmp_path_factory.mktemp("one_level_ddpm")
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8,),
+                down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4,
+                add_attention=False).save_pretrained(path)  # fmt: skip
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(path)
+    return path
+
+
+def test_an_inductor_compiled_network_passes_the_check_and_trains_like_eager(one_level_model_dir):
+    torch._dynamo.reset()
+    compiled, env = build_policy(tiny_cfg(one_level_model_dir, "policy.compile=true"), CPU)  # raises on a mismatch
+    eager, _ = build_policy(tiny_cfg(one_level_model_dir), CPU)
+    observation, _ = env.reset(seed=123)  # another batch than the check's, same shape (no recompilation)
+    for got, expected in zip(output_and_gradients(compiled, observation), output_and_gradients(eager, observation),
+                             strict=True):  # fmt: skip
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
+
+
+def _zero_one_gradient(policy):
+    policy.unet.conv_out.weight.register_hook(torch.zeros_like)
+
+
+def _shift_the_output(policy):
+    policy.unet.conv_out.register_forward_hook(lambda module, args, output: output + 1)
+
+
+@pytest.mark.parametrize(
+    ("miscompile", "check_gradients", "named"),
+    [(_zero_one_gradient, True, r"unet\.conv_out\.weight"), (_shift_the_output, False, "output")],
+)
+def test_a_compile_that_changes_results_is_refused_naming_the_tensor_and_the_fix(
+    tiny_model_dir, monkeypatch, miscompile, check_gradients, named
+):
+    policy, env = build_policy(tiny_cfg(tiny_model_dir), CPU)
+    monkeypatch.setattr(policy.unet, "compile", lambda **options: miscompile(policy))  # stands in for a bad backend
+    observation, _ = env.reset(seed=0)
+    probe = (observation["x_t"], observation["timestep"], observation["context"])
+    expected = rf"1 of \d+ tensors differ, worst {named} \(relative error .*policy\.compile=false"
+    with pytest.raises(RuntimeError, match=expected):
+        policy.compile_network(probe, check_gradients)
