@@ -116,7 +116,9 @@ class DiffusionPolicy(nn.Module):
             options = {"force_layout_optimization": True}
         self.unet.compile(dynamic=False, options=options)
         compiled = self._probe(probe, check_gradients)
-        tolerance = 0.01 if self.autocast_dtype is None else 0.1  # loose: fusion reorders sums, bf16 rounds more
+        # loose, to catch miscompiles and not rounding: fusion reorders sums, and bf16 rounds more (on the digits
+        # UNet, eager bf16 autocast against fp32 gave gradient errors of 0.3% median and 1.3% at worst)
+        tolerance = 0.01 if self.autocast_dtype is None else 0.1
         # errors relative to each tensor, floored at 1e-3 of all gradients' norm: some gradients are zero in exact
         # arithmetic (an attention key's bias) and differ only by rounding
         gradient_norms = [g.norm() for name, g in reference.items() if name != "output"]
