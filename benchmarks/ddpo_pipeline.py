@@ -49,6 +49,7 @@ def measure(cfg: dict, use_ray: bool) -> dict:
         "samples_per_s": cfg["trainer"]["samples_per_epoch"] / epoch_s,
         "collect_s_median": statistics.median(m["perf/collect_s"] for m in epochs[1:] or epochs),
         "update_s_median": statistics.median(m["perf/update_s"] for m in epochs[1:] or epochs),
+        "update_preemptions_median": statistics.median(m["perf/update_preemptions"] for m in epochs[1:] or epochs),
         "wall_s": wall,
         "epochs": len(epochs),
     }
@@ -71,10 +72,12 @@ def main() -> None:
 
     print(f"\nDDPO epoch, {cfg.env.name} / {cfg.reward.name}: {cfg.trainer.samples_per_epoch} trajectories x "
           f"{cfg.env.num_inference_steps} steps per epoch, {args.epochs} epochs per arm (median of epochs 2..)")
-    print(f"{'arm':<8}{'epoch s':>10}{'collect s':>11}{'update s':>10}{'samples/s':>11}{'wall s':>9}")
+    print(f"{'arm':<8}{'epoch s':>10}{'collect s':>11}{'update s':>10}{'preemptions':>13}{'samples/s':>11}"
+          f"{'wall s':>9}")
     for arm, r in results.items():
         print(f"{arm:<8}{r['epoch_s_median']:>10.2f}{r['collect_s_median']:>11.2f}{r['update_s_median']:>10.2f}"
-              f"{r['samples_per_s']:>11.2f}{r['wall_s']:>9.1f}")
+              f"{r['update_preemptions_median']:>13.0f}{r['samples_per_s']:>11.2f}{r['wall_s']:>9.1f}")
+    print("preemptions: involuntary context switches in the learner's process per update (median)")
     print(f"ray / plain throughput: {ratio:.3f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
