@@ -26,10 +26,11 @@ Two variants (`variant`):
   training cases, |eps_theta(x_t, t) + h_phi(x_t, t, y) - eps|^2, with no sampling at all.
 
 The h-net sees x_t, the Tweedie estimate x0_hat = (x_t - sqrt(1 - a_t) eps_theta) / sqrt(a_t) and the likelihood
-gradient g = grad_x log p(y | x) at x0_hat (scaled to unit RMS), and adds a learned per-step multiple of g itself:
-h = body([x_t, x0_hat, g / rms(g)], t) + s_t g, with the body's last layer and s_t zero at the start (h = 0: the
-base model). h is zero on deterministic steps (the last DDIM step onto alpha-bar = 1), where a path density has
-no room for a control. For the log-variance loss its output is scaled per step to control units (`control_units`).
+gradient g = grad_x log p(y | x) at x0_hat (scaled to unit RMS, its size log rms(g) as a channel of its own), and
+adds a learned per-step multiple of g itself: h = body([x_t, x0_hat, g / rms(g), log rms(g)], t) + s_t g, with the
+body's last layer and s_t zero at the start (h = 0: the base model). h is zero on deterministic steps (the last
+DDIM step onto alpha-bar = 1), where a path density has no room for a control. For the log-variance loss its
+output is scaled per step to control units (`control_units`).
 
 Batch schema (log_variance; from `rlft.rollout` with ROLLOUT_KEYS = ("noise", "base_output")):
     latents      [B, T+1, C, H, W]   x_T ... x_0
@@ -81,7 +82,7 @@ def uses_rollouts(cfg: DEFTConfig) -> bool:
 
 # ---- the h-transform network ----
 class HTransform(nn.Module):
-    """h(x_t, t, y) = body([x_t, x0_hat, g / rms(g)], t) + s_t g, with g = grad_x log p(y | x) at x0_hat."""
+    """h(x_t, t, y) = body([x_t, x0_hat, g / rms(g), log rms(g)], t) + s_t g, g = grad_x log p(y | x) at x0_hat."""
 
     def __init__(self, sample_shape, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, output_scale: torch.Tensor,
                  log_likelihood, channels: list[int]):  # fmt: skip
@@ -92,7 +93,7 @@ class HTransform(nn.Module):
         self.body = None  # no channels: h = s_t g alone, a learned step size on the likelihood gradient
         if channels:
             self.body = UNet2DModel(
-                sample_size=size, in_channels=3 * c, out_channels=c, layers_per_block=1,
+                sample_size=size, in_channels=3 * c + 1, out_channels=c, layers_per_block=1,
                 block_out_channels=tuple(channels), down_block_types=("DownBlock2D",) * len(channels),
                 up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=min(8, channels[0]),
             )  # fmt: skip
@@ -121,7 +122,9 @@ class HTransform(nn.Module):
         h = self.guidance_scale[step].view(-1, 1, 1, 1) * gradient
         if self.body is not None:
             rms = gradient.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1)
-            h = h + self.body(torch.cat([x_t, x0_hat, gradient / (rms + 1e-8)], dim=1), timestep).sample
+            # the direction g / rms(g) alone hides how far x0_hat is from the measurement; log rms(g) tells the body
+            size = torch.log(rms + 1e-8).expand(-1, 1, *x_t.shape[2:])
+            h = h + self.body(torch.cat([x_t, x0_hat, gradient / (rms + 1e-8), size], dim=1), timestep).sample
         return h * self.output_scale[step].view(-1, 1, 1, 1)
 
 
