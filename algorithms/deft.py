@@ -72,6 +72,7 @@ class DEFTConfig:
     loss_threshold: float = 1.0e5  # samples whose L exceeds this are left out of the variance (reference trick)
     min_kept_fraction: float = 0.3  # skip the optimizer step when fewer samples than this share survive
     hnet_channels: list[int] = field(default_factory=lambda: [8, 16])  # h-net UNet levels; [] = s_t g only
+    guidance_init: float = 0.0  # s_t starts at this multiple of the analytic estimate (guidance_estimate); 0: h = 0
     supervised_steps: int = 20  # supervised variant: optimizer steps per epoch
     supervised_batch_size: int = 64  # supervised variant: (x, y, t) triples per optimizer step
 
@@ -141,8 +142,33 @@ def make_correction(cfg: DEFTConfig, env, scheduler_config: dict) -> HTransform:
     reward = env.reward.fn
     # score matching regresses h in the units of the noise prediction; only the path loss wants control units
     scale = control_units(env.schedule) if cfg.variant == "log_variance" else control_units(env.schedule).sign()
-    return HTransform(env.sample_shape, alphas_cumprod, env.schedule.timesteps.cpu(), scale, reward,
-                      cfg.hnet_channels)  # fmt: skip
+    correction = HTransform(env.sample_shape, alphas_cumprod, env.schedule.timesteps.cpu(), scale, reward,
+                            cfg.hnet_channels)  # fmt: skip
+    if cfg.guidance_init and cfg.variant == "log_variance":  # score matching starts at h = 0, as the paper's
+        estimate = guidance_estimate(env)
+        with torch.no_grad():  # s_t scale_t g = guidance_init * estimate_t g; only the starting point moves
+            correction.guidance_scale.copy_(cfg.guidance_init * estimate / scale.where(scale != 0, 1.0))
+    return correction
+
+
+def guidance_estimate(env) -> torch.Tensor:
+    """[T] c_t with h = c_t g ~ -sqrt(1 - a_t) grad_{x_t} log p(y | x_t): Tweedie plus a Gaussian p(x_0 | x_t) of
+    per-pixel variance r_t = (1 - a_t) / a_t, so p(y | x_t) ~ N(A x0_hat, sigma_y^2 + kappa r_t) with kappa the
+    variance of A(z) - A(0) for white z; then c_t = -sqrt(r_t) sigma_y^2 / (sigma_y^2 + kappa r_t).
+    0 on deterministic steps and on the last stochastic step, whose noise is so small (see control_units) that the
+    estimate there is a control of size ~|g| / 0.04 per pixel: trained h-nets leave s_t ~ 0 on that step."""
+    schedule = env.schedule
+    if not (hasattr(env, "operator") and hasattr(env, "sigma_y")):
+        return torch.zeros(schedule.num_steps)  # not an inverse-problem env: no estimate, s_t starts at 0
+    operator, sigma_y = env.operator, float(env.sigma_y)
+    z = torch.randn((64, *env.sample_shape), generator=torch.Generator().manual_seed(0))
+    kappa = (operator(z) - operator(torch.zeros_like(z))).float().var().item()
+    a = schedule.alpha_prod.cpu().double()
+    ratio = (1 - a) / a
+    estimate = -ratio.sqrt() * sigma_y**2 / (sigma_y**2 + kappa * ratio)
+    mask = torch.zeros(schedule.num_steps, dtype=torch.bool)
+    mask[schedule.stochastic_steps.cpu()[:-1]] = True  # not the last stochastic step: see the docstring
+    return torch.where(mask, estimate, 0.0).float()
 
 
 def control_units(schedule) -> torch.Tensor:

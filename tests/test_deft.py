@@ -249,6 +249,23 @@ def test_digits_sr_env_trains_on_train_measurements_and_evaluates_on_held_out_di
     check_env(gymnasium.make("rlft/DigitsInpaint-v0", num_inference_steps=2).unwrapped)
 
 
+def test_guidance_init_starts_s_t_at_the_analytic_estimate():
+    env = gymnasium.make_vec("rlft/DigitsSR-v0", 2, vectorization_mode="vector_entry_point", num_inference_steps=10)
+    estimate = deft.guidance_estimate(env)
+    a = env.schedule.alpha_prod.cpu()
+    r = (1 - a) / a  # kappa = 1/16: a 4x4 block mean of white noise
+    expected = -r.sqrt() * 0.05**2 / (0.05**2 + r / 16)
+    last = env.schedule.stochastic_steps[-1].item()
+    torch.testing.assert_close(estimate[:last], expected[:last].float(), rtol=0.1, atol=1e-4)
+    assert (estimate[last:] == 0).all()  # the last stochastic step (tiny noise) and the deterministic one
+    scheduler_config = dict(DDPMScheduler(num_train_timesteps=1000).config)
+    for init in (0.0, 0.5):
+        correction = deft.make_correction(deft.DEFTConfig(guidance_init=init), env, scheduler_config)
+        # a reparameterisation of the starting point only: h = s_t output_scale_t g starts at init * estimate_t g
+        torch.testing.assert_close(correction.guidance_scale * correction.output_scale, init * estimate)
+    assert (deft.guidance_estimate(SimpleNamespace(schedule=env.schedule)) == 0).all()  # no operator: no estimate
+
+
 # ---- the policy hook and the learner loop ----
 def test_h_net_starts_at_the_base_model_and_only_it_is_published(tiny_model_dir):
     cfg = tiny_cfg(tiny_model_dir, "algo=deft", "env=digits_sr", "algo.minibatch_size=8")
