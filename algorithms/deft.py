@@ -122,10 +122,10 @@ class HTransform(nn.Module):
         gradient = self.likelihood_gradient(x0_hat, context)
         h = self.guidance_scale[step].view(-1, 1, 1, 1) * gradient
         if self.body is not None:
-            rms = gradient.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1)
+            rms = gradient.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1) + 1e-8
             # the direction g / rms(g) alone hides how far x0_hat is from the measurement; log rms(g) tells the body
-            size = torch.log(rms + 1e-8).expand(-1, 1, *x_t.shape[2:])
-            h = h + self.body(torch.cat([x_t, x0_hat, gradient / (rms + 1e-8), size], dim=1), timestep).sample
+            size = rms.log().expand(-1, 1, *x_t.shape[2:])
+            h = h + self.body(torch.cat([x_t, x0_hat, gradient / rms, size], dim=1), timestep).sample
         return h * self.output_scale[step].view(-1, 1, 1, 1)
 
 
