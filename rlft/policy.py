@@ -87,6 +87,7 @@ class DiffusionPolicy(nn.Module):
         self.memory_format = torch.contiguous_format
         self.conditional = hasattr(unet.config, "cross_attention_dim") and unet.config.cross_attention_dim
         self.gradient_checkpointing = False  # set by rlft.lora.configure_policy from the `policy:` config
+        self.backward_layout_pass = None  # compile_network's NHWCConvolutionBackward, when the network is NHWC
         # `correction(x_t, timestep, context, base_output)` is added to the noise prediction of a frozen base
         # network (DEFT's h-transform); then only its weights train and travel to the rollout workers
         self.correction = correction
@@ -110,10 +111,11 @@ class DiffusionPolicy(nn.Module):
         reference = self._probe(probe, check_gradients)
         options = None
         if self.memory_format == torch.channels_last:
-            # inductor picks NHWC per graph by counting forward convolutions, so a backward graph (convolution
-            # backward only) keeps NCHW gradients and each cuDNN backward call copies them to NHWC: on an H200 those
-            # copies were 26% of a DDPO training call. Forcing the layout keeps the backward graph NHWC too.
-            options = {"force_layout_optimization": True}
+            from rlft.inductor_passes import NHWCConvolutionBackward  # imports inductor: only when compiling
+
+            self.backward_layout_pass = NHWCConvolutionBackward()
+            # force: the layout decision counts forward convolutions, and a backward graph has none
+            options = {"force_layout_optimization": True, "post_grad_custom_post_pass": self.backward_layout_pass}
         self.unet.compile(dynamic=False, options=options)
         compiled = self._probe(probe, check_gradients)
         # loose, to catch miscompiles and not rounding: fusion reorders sums, and bf16 rounds more (on the digits

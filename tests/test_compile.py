@@ -40,6 +40,42 @@ def test_an_inductor_compiled_network_passes_the_check_and_trains_like_eager(one
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
 
 
+def test_an_nhwc_network_compiles_with_nhwc_convolution_backward_and_trains_like_eager(tiny_model_dir):
+    torch._dynamo.reset()
+    compiled, env = build_policy(tiny_cfg(tiny_model_dir, "policy.compile=true", "policy.channels_last=true"), CPU)
+    eager, _ = build_policy(tiny_cfg(tiny_model_dir), CPU)
+    assert compiled.backward_layout_pass.restrided_arguments > 0  # this network's backward had NCHW arguments
+    observation, _ = env.reset(seed=123)
+    for got, expected in zip(output_and_gradients(compiled, observation), output_and_gradients(eager, observation),
+                             strict=True):  # fmt: skip
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_the_backward_layout_pass_restrides_computed_arguments_next_to_nhwc_weights_only():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from rlft.inductor_passes import NHWCConvolutionBackward
+
+    def backward(grad, x, weight):  # grad is computed in the graph; x stands for a saved activation (an input)
+        return torch.ops.aten.convolution_backward.default(
+            grad * 2, x, weight, [4], [1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True])
+
+    nhwc = torch.channels_last
+    x = torch.randn(2, 3, 8, 8)
+    grad = torch.randn(2, 4, 8, 8)
+    nchw_weight = torch.randn(4, 3, 3, 3)
+    for weight, restrided in ((nchw_weight.contiguous(memory_format=nhwc), 1), (nchw_weight, 0)):
+        graph = make_fx(backward, tracing_mode="fake")(grad, x, weight).graph
+        layout_pass = NHWCConvolutionBackward()
+        layout_pass(graph)
+        assert layout_pass.restrided_arguments == restrided
+        (node,) = graph.find_nodes(op="call_function", target=torch.ops.aten.convolution_backward.default)
+        grad_value, x_value = (argument.meta["val"] for argument in node.args[:2])
+        assert grad_value.is_contiguous(memory_format=nhwc) == bool(restrided)
+        assert grad_value.shape == grad.shape
+        assert not x_value.is_contiguous(memory_format=nhwc)  # a graph input keeps its strides
+
+
 def _zero_one_gradient(policy):
     policy.unet.conv_out.weight.register_hook(torch.zeros_like)
 
