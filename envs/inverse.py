@@ -122,9 +122,10 @@ class MeasurementCases:
         rows = torch.randint(len(self), (-(-n // repeats),), generator=generator)
         return self.measurements[rows.repeat_interleave(repeats)[:n]]
 
-    def fixed(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """The first cases in order, each SAMPLES_PER_CASE times in a row (evaluation; `generator` unused)."""
-        indices = torch.arange(n) // SAMPLES_PER_CASE
+    def fixed(self, n: int, generator: torch.Generator, offset: int = 0) -> torch.Tensor:
+        """Samples offset .. offset + n of the cases in order, each case SAMPLES_PER_CASE times in a row (evaluation;
+        `generator` unused)."""
+        indices = torch.arange(offset, offset + n) // SAMPLES_PER_CASE
         if int(indices.max()) >= len(self):
             raise ValueError(f"{n} evaluation samples need {int(indices.max()) + 1} cases; this split has {len(self)}")
         return self.measurements[indices]
@@ -152,9 +153,20 @@ class InverseProblemEnv(DenoisingEnv):
                  samples_per_case: int = 1, **kwargs):  # fmt: skip
         if samples_per_case < 1:
             raise ValueError(f"env.samples_per_case must be a positive integer, got {samples_per_case}")
-        sampler = cases.fixed if evaluation else partial(cases.sample, repeats=samples_per_case)
+        self.cases = cases
+        self.batch_index = 0  # evaluation: which batch of the fixed cases the next reset gives (reset's options)
+        sampler = self._evaluation_contexts if evaluation else partial(cases.sample, repeats=samples_per_case)
         super().__init__(*args, context_sampler=sampler, context_shape=tuple(cases.measurements.shape[1:]), **kwargs)
-        self.operator, self.sigma_y, self.cases, self.samples_per_case = operator, sigma_y, cases, samples_per_case
+        self.operator, self.sigma_y, self.samples_per_case = operator, sigma_y, samples_per_case
+
+    def _evaluation_contexts(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self.cases.fixed(n, generator, offset=self.batch_index * n)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """`options={"batch_index": i}` gives an evaluation env's i-th batch of its fixed cases, so an evaluation over
+        several batches covers consecutive cases instead of repeating the first ones (training envs ignore it)."""
+        self.batch_index = (options or {}).get("batch_index", 0)
+        return super().reset(seed=seed, options=options)
 
     @torch.no_grad()
     def describe(self, images: torch.Tensor, context: torch.Tensor) -> dict:
@@ -170,12 +182,20 @@ class InverseProblemEnv(DenoisingEnv):
         }  # fmt: skip
         # consecutive samples with the same measurement form one case (evaluation batches come this way)
         starts = [0] + [i for i in range(1, len(context)) if not torch.equal(context[i], context[i - 1])]
-        rows = []
+        rows, mean_psnrs, spreads = [], [], []
         for start, end in zip(starts, starts[1:] + [len(context)], strict=True):
             samples = images[start : min(end, start + SAMPLES_PER_CASE)].float()
             blank = torch.full((SAMPLES_PER_CASE - len(samples), *samples.shape[1:]), -1.0, device=samples.device)
             shown = self.operator.show(context[start : start + 1].float())
             rows.append(torch.cat([shown, samples, blank, truth[start : start + 1]]))
+            if len(samples) > 1:
+                # a posterior sampler's samples scatter around the posterior mean: per-sample PSNR is lower than the
+                # mean's (exact posterior samples lose 3 dB against it), so both are reported, with the scatter
+                mean_psnrs.append(psnr(samples.clamp(-1, 1).mean(0, keepdim=True), truth[start : start + 1]))
+                spreads.append(samples.clamp(-1, 1).std(0).pow(2).mean().sqrt())
+        if mean_psnrs:
+            metrics["psnr_of_case_mean"] = torch.cat(mean_psnrs).mean().item()  # PSNR of each case's sample mean
+            metrics["sample_spread"] = torch.stack(spreads).mean().item()  # RMS of the per-pixel sample std (n - 1)
         panel = torch.cat(rows)  # [cases * (SAMPLES_PER_CASE + 2), C, H, W]: measurement, samples, ground truth
         return {**self.reward.describe(images), **metrics, "panel": panel}
 

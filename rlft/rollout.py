@@ -120,10 +120,11 @@ class RolloutWorker:
             )
 
     @torch.no_grad()
-    def _rollout(self, seed: int, env=None) -> TensorDict:
-        """One env batch: reset with `seed`, denoise all steps, return the trajectories."""
+    def _rollout(self, seed: int, env=None, options: dict | None = None) -> TensorDict:
+        """One env batch: reset with `seed` (and the env's reset `options`), denoise all steps, return the
+        trajectories."""
         env, policy = env or self.env, self.policy
-        obs, _ = env.reset(seed=seed)
+        obs, _ = env.reset(seed=seed, options=options)
         latents, log_probs, noises, base_outputs = [obs["x_t"]], [], [], []
         for k in range(env.schedule.num_steps):
             noise = torch.randn(obs["x_t"].shape, generator=env.generator).to(self.device)
@@ -172,7 +173,9 @@ class RolloutWorker:
         env = env or self.env
         if n % env.num_envs:
             raise ValueError(f"collect(n={n}) must be a multiple of the rollout batch size {env.num_envs}")
-        chunks = [self._rollout(derive_seed(seed, chunk), env) for chunk in range(n // env.num_envs)]
+        # batch_index: an evaluation env of fixed cases (inverse problems) moves on to the next cases per batch
+        chunks = [self._rollout(derive_seed(seed, chunk), env, {"batch_index": chunk})
+                  for chunk in range(n // env.num_envs)]  # fmt: skip
         if postprocess and self.postprocess is not None:
             chunks = [self.postprocess(self, chunk, self.cfg) for chunk in chunks]
         return torch.cat(chunks).to("cpu")

@@ -240,12 +240,25 @@ def test_digits_sr_env_trains_on_train_measurements_and_evaluates_on_held_out_di
     first, _ = evaluation.reset(seed=1)
     again, _ = evaluation.reset(seed=2)
     torch.testing.assert_close(first["context"], again["context"])  # fixed evaluation cases
+    # a later batch continues with the next cases: samples 12..23 are cases 2 and 3, six samples each
+    second, _ = evaluation.reset(seed=3, options={"batch_index": 1})
+    torch.testing.assert_close(second["context"], evaluation.cases.measurements[torch.arange(12, 24) // 6])
     held_out = evaluation.cases.ground_truth(first["context"])
     assert not any(torch.equal(h, s) for h in held_out for s in train_images)
     # the ground truth is measurement-consistent up to the noise: RMS of A(x) - y near sigma_y = 0.05
     described = evaluation.describe(held_out, first["context"])
     assert 0.02 < described["ground_truth_measurement_error"] < 0.08 and described["psnr"] > 60
     assert described["panel"].shape == (2 * 8, 1, 16, 16)  # per case: measurement, 6 samples, ground truth
+    assert described["sample_spread"] == 0 and described["psnr_of_case_mean"] > 60  # six copies of the truth
+    # two samples at truth +- d (d inside [-1, 1]'s margins): the case mean is the truth, the spread (the sample std,
+    # n - 1 in the denominator) is sqrt(2) RMS(d), and each sample's PSNR is 10 log10(4 / mean(d^2))
+    d = 0.2 * (1 - held_out[:1].abs())
+    pair = torch.cat([held_out[:1] + d, held_out[:1] - d])
+    described = evaluation.describe(pair, first["context"][:1].repeat(2, 1, 1, 1))
+    mean_square = d.pow(2).mean()
+    torch.testing.assert_close(described["sample_spread"], (2 * mean_square).sqrt().item(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(described["psnr"], (10 * torch.log10(4 / mean_square)).item(), rtol=1e-4, atol=0)
+    assert described["psnr_of_case_mean"] > 60
     check_env(gymnasium.make("rlft/DigitsInpaint-v0", num_inference_steps=2).unwrapped)
 
 
@@ -266,9 +279,17 @@ def test_guidance_init_starts_s_t_at_the_analytic_estimate():
     assert (deft.guidance_estimate(SimpleNamespace(schedule=env.schedule)) == 0).all()  # no operator: no estimate
 
 
+def test_the_learning_rate_defaults_per_variant_and_a_bad_variant_is_named():
+    assert deft.DEFTConfig().lr == deft.DEFAULT_LR["log_variance"]
+    assert deft.DEFTConfig(variant="supervised").lr == deft.DEFAULT_LR["supervised"]
+    assert deft.DEFTConfig(variant="supervised", lr=5e-4).lr == 5e-4  # an explicit algo.lr wins
+    with pytest.raises(ValueError, match="algo.variant=sm is not one of log_variance, supervised"):
+        deft.DEFTConfig(variant="sm")
+
+
 # ---- the policy hook and the learner loop ----
-def test_h_net_starts_at_the_base_model_and_only_it_is_published(tiny_model_dir):
-    cfg = tiny_cfg(tiny_model_dir, "algo=deft", "env=digits_sr", "algo.minibatch_size=8")
+def test_h_net_with_guidance_init_0_starts_at_the_base_model_and_only_it_is_published(tiny_model_dir):
+    cfg = tiny_cfg(tiny_model_dir, "algo=deft", "env=digits_sr", "algo.minibatch_size=8", "algo.guidance_init=0")
     learner = Learner(cfg, torch.device("cpu"))
     weights = learner.policy.trainable_state_dict()
     assert weights and all(name.startswith("correction.") for name in weights)
