@@ -11,7 +11,8 @@ noise on the same held-out cases (digits never seen by the base model or the h-n
 - DEFT log-variance and DEFT supervised: the base model plus the trained h-net (algorithms/deft.py), trained on
   measurements of the train split through the same learner / rollout-worker loop as `python -m rlft.run`.
 Per method: PSNR of each sample to its ground truth (the mean over samples), PSNR of each case's sample mean, the
-samples' spread (a posterior sampler's samples scatter, which costs per-sample PSNR), and the measurement error.
+samples' spread (a posterior sampler's samples scatter, which costs per-sample PSNR), and the measurement error;
+for DEFT also the path objective E[L] on its own samples (`path_objective`: a KL to the posterior, up to a constant).
 Prints a table and writes benchmarks/results/deft_digits_sr.json.
 """
 
@@ -21,9 +22,11 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+from algorithms import deft
 from rlft.config import compose, to_container, validate
 from rlft.learner import train
 from rlft.rollout import RolloutGroup, RolloutWorker, build_eval_env, local_call
@@ -79,6 +82,19 @@ def dps_metrics(worker, env, seed: int, zeta: float, n: int) -> dict[str, float]
     described = env.describe(torch.cat(images), torch.cat(contexts))
     described.pop("panel", None)
     return described
+
+
+@torch.no_grad()
+def path_objective(worker: RolloutWorker, args) -> dict[str, float]:
+    """E[L] over the h-net's own samples of the held-out cases, L = sum_k (|u_k|^2 / 2 + <u_k, z_k>) - log p(y | x_0)
+    (log_variance_loss's L on on-policy paths). Its mean is KL(P_h || P_posterior) - log Z(y), the same log Z(y) for
+    every h-net on these cases, so a lower E[L] means a path measure closer to the posterior under the base model."""
+    batch = worker.collect(worker.policy_version, args.eval_seed, args.eval_samples, postprocess=False,
+                           env=worker.eval_env)  # fmt: skip
+    _, control, noise = deft.controls(SimpleNamespace(policy=worker.policy), batch, set())  # on-policy: u = u^b
+    energy = 0.5 * control.pow(2).sum(dim=(1, 2))  # [B]
+    objective = energy + (control * noise).sum(dim=(1, 2)) - batch["reward"].float()
+    return {"path_objective": objective.mean().item(), "control_energy": energy.mean().item()}
 
 
 def train_deft(cfg: dict, device: torch.device) -> tuple[RolloutWorker, float, list[dict]]:
@@ -143,10 +159,11 @@ def main() -> None:
         worker, seconds, history = train_deft(cfg, device)
         histories[name] = history
         h_params = sum(p.numel() for p in worker.policy.correction.parameters())
-        rows[name] = {**evaluate(worker, args), "train_s": seconds, "trainable_params": h_params}
+        rows[name] = {**evaluate(worker, args), **path_objective(worker, args), "train_s": seconds,
+                      "trainable_params": h_params}  # fmt: skip
 
     print(f"\n4x super-resolution of held-out digits, sigma_y = {base_cfg['env']['sigma_y']}, {args.steps} DDIM steps "
-          f"(eta = 1), {args.eval_samples} samples over {args.eval_samples // 6} cases; base model {base_params:,} "
+          f"(eta = 1), {args.eval_samples} samples over {-(-args.eval_samples // 6)} cases; base model {base_params:,} "
           f"parameters; device {args.device}")  # fmt: skip
     print("| method | PSNR (dB) | PSNR of case mean (dB) | sample spread | measurement error RMS | train s | "
           "trainable params |\n|---|---|---|---|---|---|---|")
@@ -155,6 +172,10 @@ def main() -> None:
               f"{row['measurement_error']:.3f} | {row['train_s']:.0f} | "
               f"{row['trainable_params']:,} ({row['trainable_params'] / base_params:.1%} of base) |")
     print(f"ground truth's own measurement error: {rows['base (unconditional)']['ground_truth_measurement_error']:.3f}")
+    print("DEFT's path objective E[L] on its own held-out samples (KL to the posterior under the base model, up to the "
+          "same log Z(y)):")
+    for name in variants:
+        print(f"  {name}: E[L] {rows[name]['path_objective']:.1f} (control energy {rows[name]['control_energy']:.1f})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "task": "digits 4x super-resolution, held-out split", "sigma_y": base_cfg["env"]["sigma_y"],

@@ -1,0 +1,33 @@
+"""Benchmarks run with tiny settings, so their code is tested: gpu_ddpo_epoch.py on CPU (a GPU session should never
+find it broken: GPU time is scarce) and deft_digits_sr.py."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_benchmark_runs_both_arms_on_a_tiny_unet_and_writes_its_json(tmp_path):
+    out = tmp_path / "gpu_ddpo_epoch.json"
+    subprocess.run([sys.executable, "benchmarks/gpu_ddpo_epoch.py", "--tiny", "--out", str(out)], cwd=ROOT,
+                   check=True, timeout=600, capture_output=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"plain", "rlft"}
+    for arm in result["results"].values():
+        assert arm["samples"] == 8 and arm["samples_per_s"] > 0 and arm["training_sample_steps_per_s"] > 0
+    assert result["speedup"] == result["results"]["rlft"]["samples_per_s"] / result["results"]["plain"]["samples_per_s"]
+
+
+def test_the_deft_benchmark_runs_every_method_and_reports_the_path_objective(tmp_path):
+    out = tmp_path / "deft_digits_sr.json"
+    subprocess.run([sys.executable, "benchmarks/deft_digits_sr.py", "--epochs", "1", "--supervised-steps", "5",
+                    "--eval-samples", "32", "--zetas", "10", "--dps-tune-samples", "32", "--out", str(out)], cwd=ROOT,
+                   check=True, timeout=600, capture_output=True)  # fmt: skip
+    methods = json.loads(out.read_text())["methods"]
+    assert list(methods) == ["base (unconditional)", "DPS (zeta=10)", "DEFT log-variance", "DEFT supervised"]
+    for row in methods.values():
+        assert 5 < row["psnr"] < 60 and row["psnr_of_case_mean"] >= row["psnr"] - 1 and row["sample_spread"] > 0
+    for name in ("DEFT log-variance", "DEFT supervised"):
+        assert methods[name]["control_energy"] > 0 and methods[name]["path_objective"] > 0
