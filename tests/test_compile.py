@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch._inductor.config
 
 from rlft.rollout import build_policy
 from tests.helpers import tiny_cfg
@@ -42,7 +43,8 @@ def test_an_inductor_compiled_network_passes_the_check_and_trains_like_eager(one
 
 def test_an_nhwc_network_compiles_with_nhwc_convolution_backward_and_trains_like_eager(tiny_model_dir):
     torch._dynamo.reset()
-    compiled, env = build_policy(tiny_cfg(tiny_model_dir, "policy.compile=true", "policy.channels_last=true"), CPU)
+    with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph would skip the pass
+        compiled, env = build_policy(tiny_cfg(tiny_model_dir, "policy.compile=true", "policy.channels_last=true"), CPU)
     eager, _ = build_policy(tiny_cfg(tiny_model_dir), CPU)
     assert compiled.backward_layout_pass.restrided_arguments > 0  # this network's backward had NCHW arguments
     observation, _ = env.reset(seed=123)
