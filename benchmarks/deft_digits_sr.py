@@ -92,9 +92,9 @@ def path_objective(worker: RolloutWorker, args) -> dict[str, float]:
     batch = worker.collect(worker.policy_version, args.eval_seed, args.eval_samples, postprocess=False,
                            env=worker.eval_env)  # fmt: skip
     _, control, noise = deft.controls(SimpleNamespace(policy=worker.policy), batch, set())  # on-policy: u = u^b
+    _, info = deft.log_variance_loss(control, control, noise, batch["reward"].float())
     energy = 0.5 * control.pow(2).sum(dim=(1, 2))  # [B]
-    objective = energy + (control * noise).sum(dim=(1, 2)) - batch["reward"].float()
-    return {"path_objective": objective.mean().item(), "control_energy": energy.mean().item()}
+    return {"path_objective": info["objective"].mean().item(), "control_energy": energy.mean().item()}
 
 
 def train_deft(cfg: dict, device: torch.device) -> tuple[RolloutWorker, float, list[dict]]:

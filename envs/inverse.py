@@ -191,8 +191,9 @@ class InverseProblemEnv(DenoisingEnv):
             if len(samples) > 1:
                 # a posterior sampler's samples scatter around the posterior mean: per-sample PSNR is lower than the
                 # mean's (exact posterior samples lose 3 dB against it), so both are reported, with the scatter
-                mean_psnrs.append(psnr(samples.clamp(-1, 1).mean(0, keepdim=True), truth[start : start + 1]))
-                spreads.append(samples.clamp(-1, 1).std(0).pow(2).mean().sqrt())
+                clamped = samples.clamp(-1, 1)
+                mean_psnrs.append(psnr(clamped.mean(0, keepdim=True), truth[start : start + 1]))
+                spreads.append(clamped.std(0).pow(2).mean().sqrt())
         if mean_psnrs:
             metrics["psnr_of_case_mean"] = torch.cat(mean_psnrs).mean().item()  # PSNR of each case's sample mean
             metrics["sample_spread"] = torch.stack(spreads).mean().item()  # RMS of the per-pixel sample std (n - 1)
