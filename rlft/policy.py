@@ -100,23 +100,27 @@ class DiffusionPolicy(nn.Module):
         self.memory_format = torch.channels_last
         self.unet.to(memory_format=torch.channels_last)
 
-    def compile_network(self, probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor], check_gradients: bool) -> None:
+    def compile_network(
+        self, probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor], check_gradients: bool,
+        inductor_options: dict | None = None,
+    ) -> None:  # fmt: skip
         """torch.compile the network in place (parameter names unchanged, so weights still publish as before), then
         check the compiled network against eager on `probe` = (x_t, timestep, context): its output and, with
-        `check_gradients`, the gradients of the trainable parameters.
+        `check_gradients`, the gradients of the trainable parameters. `inductor_options` go to inductor as they are
+        (torch._inductor.config names, e.g. {"coordinate_descent_tuning": True}).
 
         Why check: a miscompiled backward trains silently wrong. With torch 2.13's inductor on CPU, the digits UNet's
         compiled backward dropped the gradient through its lowest-resolution upsampler, so every weight at 4x4 got
         a zero gradient while the output still matched eager. The check costs one eager and one compiled call."""
         reference = self._probe(probe, check_gradients)
-        options = None
+        options = dict(inductor_options or {})
         if self.memory_format == torch.channels_last:
             from rlft.inductor_passes import NHWCConvolutionBackward  # imports inductor: only when compiling
 
             self.backward_layout_pass = NHWCConvolutionBackward()
             # force: the layout decision counts forward convolutions, and a backward graph has none
-            options = {"force_layout_optimization": True, "post_grad_custom_post_pass": self.backward_layout_pass}
-        self.unet.compile(dynamic=False, options=options)
+            options.update(force_layout_optimization=True, post_grad_custom_post_pass=self.backward_layout_pass)
+        self.unet.compile(dynamic=False, options=options or None)
         compiled = self._probe(probe, check_gradients)
         # loose, to catch miscompiles and not rounding: fusion reorders sums, and bf16 rounds more (on the digits
         # UNet, eager bf16 autocast against fp32 gave gradient errors of 0.3% median and 1.3% at worst)
