@@ -10,6 +10,8 @@
                                     and log-probabilities ("noise"; "base_output": the frozen base network's prediction)
     make_state(cfg)                 the algorithm's own learner-side state (state_dict / load_state_dict)
     prepare(batch, cfg, state)      learner side, when trajectories arrive: -> (batch, metrics)
+    PREPARE_ACROSS_REPLICAS         optional batch keys: with several learners, `prepare` runs on these entries of
+                                    all learners' new trajectories (rank order) and each keeps its own rows
     update(ctx, cfg, state)         one epoch's update (its own passes over ctx.buffer): -> metrics; an update that
                                     samples for itself reports how many trajectories as "perf/samples"
     make_correction(cfg, env, scheduler_config)   optional: a trainable module added to the noise prediction of

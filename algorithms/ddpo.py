@@ -26,6 +26,9 @@ from algorithms import LearnerContext, mean_over_steps
 REQUIRES_STOCHASTIC_SAMPLER = True  # the importance ratio needs log-probabilities (eta > 0)
 REQUIRES_DIFFERENTIABLE_REWARD = False
 USES_ROLLOUTS = True
+# with several learners, `prepare` sees these entries of every learner's trajectories: advantages are standardised
+# over the whole epoch, as DDPO's reference code gathers the rewards of all processes first
+PREPARE_ACROSS_REPLICAS = ("reward", "context")
 
 
 @dataclass
@@ -36,7 +39,7 @@ class DDPOConfig:
     clip_range: float = 1e-4  # PPO clip: ratios outside [1 - eps, 1 + eps] give no gradient
     adv_clip_max: float = 5.0  # advantages are clipped to [-adv_clip_max, adv_clip_max]
     inner_epochs: int = 1  # passes over each collected batch
-    minibatch_size: int = 32  # trajectories per optimizer step (one step accumulates over their timesteps)
+    minibatch_size: int = 32  # trajectories per optimizer step on each learner (DDP: x num_learners in all)
     timestep_fraction: float = 1.0  # fraction of each trajectory's timesteps trained on (random per sample)
     # timesteps of each trajectory stacked into one network call (B * k samples): the same gradient from fewer,
     # larger calls, which a GPU runs nearer its peak; activation memory grows k-fold

@@ -2,10 +2,17 @@
 
     python benchmarks/ddpo_pipeline.py [--epochs 8] [key=value ...]
 
-Both arms run the same learner and rollout code on the same config and seeds; the only difference is Ray
-(rollout actors, a Ray Train learner, the object store for weights, the report queue). The table gives the
-median steady-state epoch time (the first epoch is warm-up), throughput, and the Ray / plain ratio, plus the
-end-to-end wall time including Ray's start-up. Results go to benchmarks/results/ddpo_pipeline.json.
+All arms run the same learner and rollout code on the same config and seeds:
+
+    plain     one process, no Ray: rollout workers as objects, one learner using every core
+    ray       Ray: rollout actors, one Ray Train learner using every core, weights through the object store
+    ray_ddp   Ray with one learner per core (DDP, one thread each); each takes algo.minibatch_size / learners
+              trajectories per step, so every optimizer step sees as many trajectories as in the other arms, and
+              DDPO standardises advantages over all learners' rewards: the same work, split across processes
+
+The table gives the median steady-state epoch time (the first epoch is warm-up), throughput, and each Ray arm's
+ratio to the plain loop, plus the end-to-end wall time including Ray's start-up. Results go to
+benchmarks/results/ddpo_pipeline.json.
 """
 
 from __future__ import annotations
@@ -66,9 +73,17 @@ def main() -> None:
     cfg = compose("config", overrides)
     validate(cfg)
     plain_cfg = to_container(cfg)
+    learners = os.cpu_count() or 1
+    minibatch = cfg.algo.minibatch_size
+    if minibatch % learners:
+        parser.error(f"algo.minibatch_size={minibatch} must split evenly over {learners} learners (one per core)")
+    ddp_overrides = [f"ray.num_learners={learners}", f"algo.minibatch_size={minibatch // learners}"]
+    ddp_cfg = compose("config", [*overrides, *ddp_overrides])
+    validate(ddp_cfg)
     results = {"plain": measure({**plain_cfg, "ray": {**plain_cfg["ray"], "enabled": False}}, use_ray=False)}
     results["ray"] = measure(plain_cfg, use_ray=True)
-    ratio = results["ray"]["samples_per_s"] / results["plain"]["samples_per_s"]
+    results["ray_ddp"] = measure(to_container(ddp_cfg), use_ray=True)
+    ratios = {arm: results[arm]["samples_per_s"] / results["plain"]["samples_per_s"] for arm in ("ray", "ray_ddp")}
 
     print(f"\nDDPO epoch, {cfg.env.name} / {cfg.reward.name}: {cfg.trainer.samples_per_epoch} trajectories x "
           f"{cfg.env.num_inference_steps} steps per epoch, {args.epochs} epochs per arm (median of epochs 2..)")
@@ -78,10 +93,12 @@ def main() -> None:
         print(f"{arm:<8}{r['epoch_s_median']:>10.2f}{r['collect_s_median']:>11.2f}{r['update_s_median']:>10.2f}"
               f"{r['update_preemptions_median']:>13.0f}{r['samples_per_s']:>11.2f}{r['wall_s']:>9.1f}")
     print("preemptions: involuntary context switches in the learner's process per update (median)")
-    print(f"ray / plain throughput: {ratio:.3f}x")
+    print(f"ray / plain throughput: {ratios['ray']:.3f}x (one learner, {learners} threads)")
+    print(f"ray_ddp / plain throughput: {ratios['ray_ddp']:.3f}x ({learners} learners, 1 thread each)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"overrides": overrides, "results": results, "ray_over_plain": ratio}, indent=2))
+    out.write_text(json.dumps({"overrides": overrides, "learners_in_ray_ddp": learners, "results": results,
+                               "ray_over_plain": ratios["ray"], "ray_ddp_over_plain": ratios["ray_ddp"]}, indent=2))
     print(f"wrote {out}")
 
 

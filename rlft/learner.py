@@ -77,14 +77,19 @@ class Learner:
         """Add one epoch's trajectories: drop non-finite rewards (counted), let the algorithm prepare them, store."""
         fresh = [(uid, batch) for uid, batch in batches if not self.buffer.seen(uid)]
         metrics = {"buffer/duplicates": float(len(batches) - len(fresh))}
-        if not fresh:
+        batch = torch.cat([b for _, b in fresh]) if fresh else None
+        finite = batch["reward_finite"] if fresh else None
+        if fresh:
+            metrics["reward/nonfinite"] = float((~finite).sum())
+        gather_keys = getattr(self.algorithm, "PREPARE_ACROSS_REPLICAS", ())
+        if self.world_size > 1 and gather_keys:  # every replica joins, even one with nothing new
+            kept, prepared_metrics = self.prepare_across_replicas(batch[finite] if fresh else None, gather_keys)
+        elif fresh and finite.any():
+            kept, prepared_metrics = self.algorithm.prepare(batch[finite], self.algo, self.state)
+        else:
+            kept = None
+        if kept is None or not len(kept):
             return metrics
-        batch = torch.cat([b for _, b in fresh])
-        finite = batch["reward_finite"]
-        metrics["reward/nonfinite"] = float((~finite).sum())
-        if not finite.any():
-            return metrics
-        kept, prepared_metrics = self.algorithm.prepare(batch[finite], self.algo, self.state)
         metrics.update(prepared_metrics)
         metrics.update(reward_metrics(kept["reward"]))
         for key in kept.keys() - batch.keys():  # entries the algorithm added (advantages...), zero where dropped
@@ -94,6 +99,24 @@ class Learner:
         for (uid, _), part in zip(fresh, batch.split([b.batch_size[0] for _, b in fresh]), strict=True):
             self.buffer.add(uid, part[part["reward_finite"]])
         return metrics
+
+    def prepare_across_replicas(self, kept: TensorDict | None, keys: tuple[str, ...]) -> tuple[TensorDict | None, dict]:
+        """The algorithm's `prepare` on the `keys` of every replica's new trajectories (DDPO: advantages from the
+        whole epoch's rewards, not one shard's), in rank order, so every replica's state stays the same; this
+        replica keeps the entries `prepare` added for its own rows."""
+        shards: list[TensorDict | None] = [None] * self.world_size
+        dist.all_gather_object(shards, kept.select(*keys).cpu() if kept is not None and len(kept) else None)
+        present = [shard for shard in shards if shard is not None]
+        if not present:
+            return None, {}
+        prepared, metrics = self.algorithm.prepare(torch.cat(present), self.algo, self.state)
+        if kept is None or not len(kept):
+            return None, metrics
+        offset = sum(len(shard) for shard in shards[: self.rank] if shard is not None)
+        own_rows = prepared[offset : offset + len(kept)]
+        for key in prepared.keys() - kept.keys():
+            kept[key] = own_rows[key].to(kept.device)
+        return kept, metrics
 
     def update(self) -> dict[str, float]:
         """The algorithm's update for this epoch, then the next policy version."""

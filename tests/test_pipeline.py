@@ -82,6 +82,40 @@ def test_non_finite_rewards_are_counted_and_kept_out_of_the_update(tiny_model_di
     assert metrics["reward/mean"] == pytest.approx(batch["reward"][batch["reward_finite"]].mean().item())
 
 
+def _ingest_on_rank(rank: int, model_dir: str, init_file: str, out_dir: str) -> None:
+    """One of two DDP learner replicas (gloo, no Ray) ingesting its own batch; rank 1's holds a NaN reward."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        cfg = tiny_cfg(model_dir)
+        batch = RolloutWorker(cfg).collect(0, seed=10 + rank, n=8)
+        if rank == 1:
+            batch["reward"][3], batch["reward_finite"][3] = float("nan"), False
+        learner = Learner(cfg, torch.device("cpu"), rank, world_size=2)
+        learner.ingest([(f"rank-{rank}", batch)])
+        stored = learner.buffer.contents()
+        torch.save({"reward": stored["reward"], "advantage": stored["advantage"]}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddpo_advantages_with_two_learners_use_the_whole_epochs_rewards(tiny_model_dir, tmp_path):
+    """Each replica keeps its own rows, standardised with the mean and std of both replicas' finite rewards."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ingest_on_rank, args=(str(tiny_model_dir), str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    shards = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [len(shard["reward"]) for shard in shards] == [8, 7]  # the NaN row stayed out
+    rewards = torch.cat([shard["reward"] for shard in shards]).float()
+    expected = ((rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)).clamp(-5, 5)
+    advantages = torch.cat([shard["advantage"] for shard in shards])
+    torch.testing.assert_close(advantages, expected)
+    # not what one shard's statistics would give
+    own = (shards[0]["reward"] - shards[0]["reward"].mean()) / shards[0]["reward"].std(unbiased=False)
+    assert (shards[0]["advantage"] - own).abs().max() > 1e-3
+
+
 def test_a_retried_collect_reproduces_the_batch_and_is_not_stored_twice(tiny_model_dir):
     cfg = tiny_cfg(tiny_model_dir)
     group = RolloutGroup([RolloutWorker(cfg)])
