@@ -4,6 +4,8 @@ Denker et al. 2024, "DEFT: Efficient Fine-Tuning of Diffusion Models by Learning
 (arXiv 2406.01781). The base noise prediction eps_theta stays frozen; the policy predicts eps_theta + h_phi, and
 only the small h-net h_phi trains. Its target is the posterior p(x_0 | y) ~ p_base(x_0) p(y | x_0), with
 log p(y | x_0) the env's reward (the measurement log-likelihood -|A(x_0) - y|^2 / (2 sigma_y^2) for envs/inverse.py).
+The log-variance variant can target p_base(x_0) p(y | x_0)^lambda instead (`likelihood_weight`): the posterior of a
+sharper measurement, which trades sample spread for measurement consistency, as DPS's step size does.
 
 Two variants (`variant`):
 - "log_variance" (appendix G.3): VarGrad on trajectories from the replay buffer. In each stochastic DDIM step
@@ -77,12 +79,20 @@ class DEFTConfig:
     min_kept_fraction: float = 0.3  # skip the optimizer step when fewer samples than this share survive
     hnet_channels: list[int] = field(default_factory=lambda: [8, 16])  # h-net UNet levels; [] = s_t g only
     guidance_init: float = 1.0  # s_t starts at this multiple of the analytic estimate (guidance_estimate); 0: h = 0
+    # lambda: log_variance targets p(x_0) p(y | x_0)^lambda, a posterior sharpened as if sigma_y were sigma_y /
+    # sqrt(lambda); above 1 it trades sample spread for measurement consistency (choose it on training cases)
+    likelihood_weight: float = 1.0
     supervised_steps: int = 20  # supervised variant: optimizer steps per epoch
     supervised_batch_size: int = 64  # supervised variant: (x, y, t) triples per optimizer step
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"algo.variant={self.variant} is not one of {', '.join(VARIANTS)}")
+        if self.likelihood_weight <= 0:
+            raise ValueError(f"algo.likelihood_weight={self.likelihood_weight} must be positive (1: the posterior)")
+        if self.likelihood_weight != 1 and self.variant != "log_variance":
+            raise ValueError(f"algo.likelihood_weight={self.likelihood_weight} applies to the log_variance variant; "
+                             "score matching learns the posterior of its training pairs (leave it at 1)")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.variant]
 
@@ -147,28 +157,33 @@ def make_correction(cfg: DEFTConfig, env, scheduler_config: dict) -> HTransform:
         raise ValueError("algo.variant=supervised trains on (x, y) pairs of an inverse-problem env; use "
                          "env=digits_sr or env=digits_inpaint, or algo.variant=log_variance")  # fmt: skip
     alphas_cumprod = DDPMScheduler.from_config(dict(scheduler_config)).alphas_cumprod
-    reward = env.reward.fn
+    weight = cfg.likelihood_weight
+
+    def log_likelihood(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return weight * env.reward.fn(x, y)  # the target's log-likelihood: lambda log p(y | x)
+
     # score matching regresses h in the units of the noise prediction; only the path loss wants control units
     scale = control_units(env.schedule) if cfg.variant == "log_variance" else control_units(env.schedule).sign()
-    correction = HTransform(env.sample_shape, alphas_cumprod, env.schedule.timesteps.cpu(), scale, reward,
+    correction = HTransform(env.sample_shape, alphas_cumprod, env.schedule.timesteps.cpu(), scale, log_likelihood,
                             cfg.hnet_channels)  # fmt: skip
     if cfg.guidance_init and cfg.variant == "log_variance":  # score matching starts at h = 0, as the paper's
-        estimate = guidance_estimate(env)
+        estimate = guidance_estimate(env, weight)
         with torch.no_grad():  # s_t scale_t g = guidance_init * estimate_t g; only the starting point moves
             correction.guidance_scale.copy_(cfg.guidance_init * estimate / scale.where(scale != 0, 1.0))
     return correction
 
 
-def guidance_estimate(env) -> torch.Tensor:
+def guidance_estimate(env, likelihood_weight: float = 1.0) -> torch.Tensor:
     """[T] c_t with h = c_t g ~ -sqrt(1 - a_t) grad_{x_t} log p(y | x_t): Tweedie plus a Gaussian p(x_0 | x_t) of
     per-pixel variance r_t = (1 - a_t) / a_t, so p(y | x_t) ~ N(A x0_hat, sigma_y^2 + kappa r_t) with kappa the
-    variance of A(z) - A(0) for white z; then c_t = -sqrt(r_t) sigma_y^2 / (sigma_y^2 + kappa r_t).
+    variance of A(z) - A(0) for white z; then c_t = -sqrt(r_t) sigma_y^2 / (sigma_y^2 + kappa r_t), with sigma_y /
+    sqrt(likelihood_weight) for the sharpened target (g is then the gradient of its log-likelihood too).
     0 on deterministic steps and on the last stochastic step, whose noise is so small (see control_units) that the
     estimate there is a control of size ~|g| / 0.04 per pixel: trained h-nets leave s_t ~ 0 on that step."""
     schedule = env.schedule
     if not (hasattr(env, "operator") and hasattr(env, "sigma_y")):
         return torch.zeros(schedule.num_steps)  # not an inverse-problem env: no estimate, s_t starts at 0
-    operator, sigma_y = env.operator, float(env.sigma_y)
+    operator, sigma_y = env.operator, float(env.sigma_y) / likelihood_weight**0.5  # the target's likelihood
     z = torch.randn((64, *env.sample_shape), generator=torch.Generator().manual_seed(0))
     kappa = (operator(z) - operator(torch.zeros_like(z))).float().var().item()
     a = schedule.alpha_prod.cpu().double()
@@ -298,7 +313,8 @@ def log_variance_step(ctx: LearnerContext, batch: TensorDict, cfg: DEFTConfig) -
     train_steps = {steps[i] for i in order[:num_random]} | set(steps[len(steps) - cfg.always_train_last :])
     control, behaviour, noise = controls(ctx, batch, train_steps)
     groups = measurement_groups(batch) if per_measurement(ctx) else None
-    loss, info = log_variance_loss(control, behaviour, noise, batch["reward"].float(), cfg.loss_threshold, groups)
+    log_likelihood = cfg.likelihood_weight * batch["reward"].float()  # the target's: lambda log p(y | x_0)
+    loss, info = log_variance_loss(control, behaviour, noise, log_likelihood, cfg.loss_threshold, groups)
     kept_fraction = info["kept"].float().mean().item()
     ctx.optimizer.zero_grad(set_to_none=True)
     stepped = kept_fraction >= cfg.min_kept_fraction

@@ -1,6 +1,6 @@
 """DEFT on 4x super-resolution of HELD-OUT digits: PSNR and measurement error against the base model and DPS.
 
-    python benchmarks/deft_digits_sr.py                     # CPU defaults (~8 minutes on a quiet 2-core box)
+    python benchmarks/deft_digits_sr.py                     # CPU defaults (~20 minutes on a quiet 2-core box)
     python benchmarks/deft_digits_sr.py --epochs 80 --supervised-steps 3000 --threads 2   # longer training
 
 Every method samples with the same DDIM schedule (env.num_inference_steps, eta = 1) from the same initial
@@ -10,6 +10,8 @@ noise on the same held-out cases (digits never seen by the base model or the h-n
   (Chung et al. 2023, step zeta / ||y - A(x0_hat)||), zeta chosen on 192 samples of TRAIN cases from a grid;
 - DEFT log-variance and DEFT supervised: the base model plus the trained h-net (algorithms/deft.py), trained on
   measurements of the train split through the same learner / rollout-worker loop as `python -m rlft.run`.
+  Log-variance's one knob, the likelihood weight lambda (target p(x_0) p(y | x_0)^lambda), is chosen like DPS's
+  step: one h-net per value of a grid, the best PSNR on 192 samples of TRAIN cases wins.
 Per method: PSNR of each sample to its ground truth (the mean over samples), PSNR of each case's sample mean, the
 samples' spread (a posterior sampler's samples scatter, which costs per-sample PSNR), and the measurement error;
 for DEFT also the path objective E[L] on its own samples (`path_objective`: a KL to the posterior, up to a constant).
@@ -84,15 +86,22 @@ def dps_metrics(worker, env, seed: int, zeta: float, n: int) -> dict[str, float]
     return described
 
 
+def train_case_psnr(worker: RolloutWorker, env, seed: int, n: int) -> float:
+    """PSNR of the worker's policy on `n` samples of training cases (`env`: the training split)."""
+    batch = worker.collect(worker.policy_version, seed, n, postprocess=False, env=env)
+    return env.describe(batch["latents"][:, -1], batch["context"])["psnr"]
+
+
 @torch.no_grad()
-def path_objective(worker: RolloutWorker, args) -> dict[str, float]:
+def path_objective(worker: RolloutWorker, args, likelihood_weight: float = 1.0) -> dict[str, float]:
     """E[L] over the h-net's own samples of the held-out cases, L = sum_k (|u_k|^2 / 2 + <u_k, z_k>) - log p(y | x_0)
     (log_variance_loss's L on on-policy paths). Its mean is KL(P_h || P_posterior) - log Z(y), the same log Z(y) for
-    every h-net on these cases, so a lower E[L] means a path measure closer to the posterior under the base model."""
+    every h-net on these cases, so a lower E[L] means a path measure closer to the posterior under the base model.
+    With a likelihood weight lambda, the target and so E[L] are those of p(x_0) p(y | x_0)^lambda."""
     batch = worker.collect(worker.policy_version, args.eval_seed, args.eval_samples, postprocess=False,
                            env=worker.eval_env)  # fmt: skip
     _, control, noise = deft.controls(SimpleNamespace(policy=worker.policy), batch, set())  # on-policy: u = u^b
-    _, info = deft.log_variance_loss(control, control, noise, batch["reward"].float())
+    _, info = deft.log_variance_loss(control, control, noise, likelihood_weight * batch["reward"].float())
     energy = 0.5 * control.pow(2).sum(dim=(1, 2))  # [B]
     return {"path_objective": info["objective"].mean().item(), "control_energy": energy.mean().item()}
 
@@ -122,11 +131,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = all cores)")
     parser.add_argument("--steps", type=int, default=10, help="DDIM sampling steps for every method")
     parser.add_argument("--batch", type=int, default=32, help="rollout batch (trajectories per env batch)")
-    parser.add_argument("--epochs", type=int, default=20, help="DEFT log-variance epochs (2 batches each)")
+    parser.add_argument("--epochs", type=int, default=40, help="DEFT log-variance epochs (2 batches each)")
     parser.add_argument("--supervised-steps", type=int, default=1000, help="DEFT supervised optimizer steps")
     parser.add_argument("--eval-samples", type=int, default=384, help="held-out samples (6 per case)")
     parser.add_argument("--dps-tune-samples", type=int, default=192, help="train-case samples per DPS step size")
     parser.add_argument("--eval-seed", type=int, default=1234)
+    parser.add_argument("--likelihood-weights", default="1,2,4,8",
+                        help="log-variance's likelihood weights lambda tried on train cases")
     parser.add_argument("--zetas", default="1,2,5,10,15,20,30,50,100", help="DPS step sizes tried on train cases")
     parser.add_argument("--out", default=str(RESULTS / "deft_digits_sr.json"))
     args = parser.parse_args()
@@ -147,19 +158,29 @@ def main() -> None:
     rows[f"DPS (zeta={zeta:g})"] = {**dps_metrics(base, build_eval_env(base_cfg, base.env), args.eval_seed, zeta,
                                                  args.eval_samples), "train_s": 0.0, "trainable_params": 0}  # fmt: skip
 
-    variants = {
-        "DEFT log-variance": run_config("deft", args, f"trainer.epochs={args.epochs}", "trainer.max_staleness=1",
-                                        f"trainer.buffer_capacity={args.batch * 4}", "trainer.lr_schedule=cosine",
-                                        f"eval.every={args.epochs}"),
-        "DEFT supervised": run_config("deft", args, "algo.variant=supervised", "trainer.epochs=1",
-                                      f"algo.supervised_steps={args.supervised_steps}", "eval.every=1"),
-    }  # fmt: skip
-    histories = {}
-    for name, cfg in variants.items():
+    lv_overrides = [f"trainer.epochs={args.epochs}", "trainer.max_staleness=1", "trainer.lr_schedule=cosine",
+                    f"trainer.buffer_capacity={args.batch * 4}", f"eval.every={args.epochs}"]  # fmt: skip
+    lv_tuning, trained = {}, {}
+    for weight in map(float, args.likelihood_weights.split(",")):
+        cfg = run_config("deft", args, *lv_overrides, f"algo.likelihood_weight={weight}")
         worker, seconds, history = train_deft(cfg, device)
+        lv_tuning[weight] = {"train_psnr": train_case_psnr(worker, train_env, 99, args.dps_tune_samples),
+                             "heldout_psnr": evaluate(worker, args)["psnr"], "train_s": seconds}  # fmt: skip
+        print(f"  log-variance, lambda {weight:g}: PSNR on train cases {lv_tuning[weight]['train_psnr']:.2f} dB "
+              f"(held-out {lv_tuning[weight]['heldout_psnr']:.2f})", flush=True)
+        best = max(lv_tuning, key=lambda w: lv_tuning[w]["train_psnr"])
+        if best == weight:  # keep only the best h-net so far
+            trained["lv"] = (worker, seconds, history, weight)
+    trained["supervised"] = (*train_deft(run_config("deft", args, "algo.variant=supervised", "trainer.epochs=1",
+                                                     f"algo.supervised_steps={args.supervised_steps}", "eval.every=1"),
+                                          device), 1.0)  # fmt: skip
+    histories, objective_rows = {}, []
+    for key, (worker, seconds, history, weight) in trained.items():
+        name = f"DEFT log-variance (lambda={weight:g})" if key == "lv" else "DEFT supervised"
         histories[name] = history
+        objective_rows.append(name)
         h_params = sum(p.numel() for p in worker.policy.correction.parameters())
-        rows[name] = {**evaluate(worker, args), **path_objective(worker, args), "train_s": seconds,
+        rows[name] = {**evaluate(worker, args), **path_objective(worker, args, weight), "train_s": seconds,
                       "trainable_params": h_params}  # fmt: skip
 
     print(f"\n4x super-resolution of held-out digits, sigma_y = {base_cfg['env']['sigma_y']}, {args.steps} DDIM steps "
@@ -174,13 +195,14 @@ def main() -> None:
     print(f"ground truth's own measurement error: {rows['base (unconditional)']['ground_truth_measurement_error']:.3f}")
     print("DEFT's path objective E[L] on its own held-out samples (KL to the posterior under the base model, up to the "
           "same log Z(y)):")
-    for name in variants:
+    for name in objective_rows:
         print(f"  {name}: E[L] {rows[name]['path_objective']:.1f} (control energy {rows[name]['control_energy']:.1f})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "task": "digits 4x super-resolution, held-out split", "sigma_y": base_cfg["env"]["sigma_y"],
         "sampling_steps": args.steps, "eval_samples": args.eval_samples, "device": args.device,
-        "base_params": base_params, "dps_zeta_tuning_psnr_on_train": tuning, "methods": rows,
+        "base_params": base_params, "dps_zeta_tuning_psnr_on_train": tuning, "lv_likelihood_weight_tuning": lv_tuning,
+        "methods": rows,
         "args": vars(args), "training_history": histories,
     }, indent=2))  # fmt: skip
     print(f"wrote {args.out}")
