@@ -160,27 +160,26 @@ def main() -> None:
 
     lv_overrides = [f"trainer.epochs={args.epochs}", "trainer.max_staleness=1", "trainer.lr_schedule=cosine",
                     f"trainer.buffer_capacity={args.batch * 4}", f"eval.every={args.epochs}"]  # fmt: skip
-    lv_tuning, trained = {}, {}
+    lv_tuning, best_lv = {}, None
     for weight in map(float, args.likelihood_weights.split(",")):
         cfg = run_config("deft", args, *lv_overrides, f"algo.likelihood_weight={weight}")
         worker, seconds, history = train_deft(cfg, device)
+        held_out = evaluate(worker, args)
         lv_tuning[weight] = {"train_psnr": train_case_psnr(worker, train_env, 99, args.dps_tune_samples),
-                             "heldout_psnr": evaluate(worker, args)["psnr"], "train_s": seconds}  # fmt: skip
+                             "heldout_psnr": held_out["psnr"], "train_s": seconds}  # fmt: skip
         print(f"  log-variance, lambda {weight:g}: PSNR on train cases {lv_tuning[weight]['train_psnr']:.2f} dB "
-              f"(held-out {lv_tuning[weight]['heldout_psnr']:.2f})", flush=True)
-        best = max(lv_tuning, key=lambda w: lv_tuning[w]["train_psnr"])
-        if best == weight:  # keep only the best h-net so far
-            trained["lv"] = (worker, seconds, history, weight)
-    trained["supervised"] = (*train_deft(run_config("deft", args, "algo.variant=supervised", "trainer.epochs=1",
-                                                     f"algo.supervised_steps={args.supervised_steps}", "eval.every=1"),
-                                          device), 1.0)  # fmt: skip
-    histories, objective_rows = {}, []
-    for key, (worker, seconds, history, weight) in trained.items():
-        name = f"DEFT log-variance (lambda={weight:g})" if key == "lv" else "DEFT supervised"
+              f"(held-out {held_out['psnr']:.2f})", flush=True)
+        if max(lv_tuning, key=lambda w: lv_tuning[w]["train_psnr"]) == weight:  # keep only the best h-net so far
+            best_lv = (f"DEFT log-variance (lambda={weight:g})", worker, seconds, history, weight, held_out)
+    supervised_cfg = run_config("deft", args, "algo.variant=supervised", "trainer.epochs=1",
+                                f"algo.supervised_steps={args.supervised_steps}", "eval.every=1")  # fmt: skip
+    worker, seconds, history = train_deft(supervised_cfg, device)
+    deft_runs = [best_lv, ("DEFT supervised", worker, seconds, history, 1.0, evaluate(worker, args))]
+    histories = {}
+    for name, worker, seconds, history, weight, held_out in deft_runs:
         histories[name] = history
-        objective_rows.append(name)
         h_params = sum(p.numel() for p in worker.policy.correction.parameters())
-        rows[name] = {**evaluate(worker, args), **path_objective(worker, args, weight), "train_s": seconds,
+        rows[name] = {**held_out, **path_objective(worker, args, weight), "train_s": seconds,
                       "trainable_params": h_params}  # fmt: skip
 
     print(f"\n4x super-resolution of held-out digits, sigma_y = {base_cfg['env']['sigma_y']}, {args.steps} DDIM steps "
@@ -195,7 +194,7 @@ def main() -> None:
     print(f"ground truth's own measurement error: {rows['base (unconditional)']['ground_truth_measurement_error']:.3f}")
     print("DEFT's path objective E[L] on its own held-out samples (KL to the posterior under the base model, up to the "
           "same log Z(y)):")
-    for name in objective_rows:
+    for name in histories:
         print(f"  {name}: E[L] {rows[name]['path_objective']:.1f} (control energy {rows[name]['control_energy']:.1f})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({

@@ -77,18 +77,18 @@ class Learner:
         """Add one epoch's trajectories: drop non-finite rewards (counted), let the algorithm prepare them, store."""
         fresh = [(uid, batch) for uid, batch in batches if not self.buffer.seen(uid)]
         metrics = {"buffer/duplicates": float(len(batches) - len(fresh))}
-        batch = torch.cat([b for _, b in fresh]) if fresh else None
-        finite = batch["reward_finite"] if fresh else None
+        batch, kept = None, None
         if fresh:
+            batch = torch.cat([b for _, b in fresh])
+            finite = batch["reward_finite"]
             metrics["reward/nonfinite"] = float((~finite).sum())
+            kept = batch[finite] if finite.any() else None
         gather_keys = getattr(self.algorithm, "PREPARE_ACROSS_REPLICAS", ())
         if self.world_size > 1 and gather_keys:  # every replica joins, even one with nothing new
-            kept, prepared_metrics = self.prepare_across_replicas(batch[finite] if fresh else None, gather_keys)
-        elif fresh and finite.any():
-            kept, prepared_metrics = self.algorithm.prepare(batch[finite], self.algo, self.state)
-        else:
-            kept = None
-        if kept is None or not len(kept):
+            kept, prepared_metrics = self.prepare_across_replicas(kept, gather_keys)
+        elif kept is not None:
+            kept, prepared_metrics = self.algorithm.prepare(kept, self.algo, self.state)
+        if kept is None:
             return metrics
         metrics.update(prepared_metrics)
         metrics.update(reward_metrics(kept["reward"]))
@@ -105,12 +105,12 @@ class Learner:
         whole epoch's rewards, not one shard's), in rank order, so every replica's state stays the same; this
         replica keeps the entries `prepare` added for its own rows."""
         shards: list[TensorDict | None] = [None] * self.world_size
-        dist.all_gather_object(shards, kept.select(*keys).cpu() if kept is not None and len(kept) else None)
+        dist.all_gather_object(shards, None if kept is None else kept.select(*keys).cpu())
         present = [shard for shard in shards if shard is not None]
         if not present:
             return None, {}
         prepared, metrics = self.algorithm.prepare(torch.cat(present), self.algo, self.state)
-        if kept is None or not len(kept):
+        if kept is None:
             return None, metrics
         offset = sum(len(shard) for shard in shards[: self.rank] if shard is not None)
         own_rows = prepared[offset : offset + len(kept)]
