@@ -27,8 +27,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from tensordict import TensorDict
 
 from algorithms import deft
+from envs.inverse import psnr
 from rlft.config import compose, to_container, validate
 from rlft.learner import train
 from rlft.rollout import RolloutGroup, RolloutWorker, build_eval_env, local_call
@@ -49,9 +51,30 @@ def run_config(algo: str, args, *extra: str) -> dict:
     return to_container(cfg)
 
 
-def evaluate(worker: RolloutWorker, args) -> dict[str, float]:
-    result = worker.evaluate(worker.policy_version, args.eval_seed, args.eval_samples)
-    return {k.split("/", 1)[1]: v for k, v in result["metrics"].items()}
+def describe(env, images: torch.Tensor, context: torch.Tensor) -> dict:
+    """The env's evaluation metrics, plus `case_psnr`: each case's mean PSNR over its samples (consecutive samples
+    with one measurement form a case), for the paired comparison of methods on the same cases."""
+    described = env.describe(images, context)
+    described.pop("panel", None)
+    case = torch.unique_consecutive(context.flatten(1), dim=0, return_inverse=True)[1]  # [B]
+    per_sample = psnr(images, env.cases.ground_truth(context))  # [B]
+    totals = torch.zeros(int(case.max()) + 1).index_add_(0, case, per_sample)
+    return {**described, "case_psnr": (totals / torch.bincount(case)).tolist()}
+
+
+def held_out(worker: RolloutWorker, args) -> tuple[dict, TensorDict]:
+    """The worker's policy on the held-out cases (the same noise for every method): metrics and the paths."""
+    batch = worker.collect(worker.policy_version, args.eval_seed, args.eval_samples, postprocess=False,
+                           env=worker.eval_env)  # fmt: skip
+    return describe(worker.eval_env, batch["latents"][:, -1], batch["context"]), batch
+
+
+def paired(a: list[float], b: list[float]) -> dict[str, float]:
+    """Method a minus method b on the same cases (per-case PSNR): the mean difference, its standard error, and on how
+    many cases a is better; the cases differ far more from each other than the methods do, so only pairing shows it."""
+    difference = torch.tensor(a) - torch.tensor(b)
+    return {"mean_db": difference.mean().item(), "standard_error_db": (difference.std() / len(a) ** 0.5).item(),
+            "better_cases": int((difference > 0).sum()), "cases": len(a)}  # fmt: skip
 
 
 def dps_sample(worker: RolloutWorker, env, seed: int, zeta: float,
@@ -81,9 +104,7 @@ def dps_metrics(worker, env, seed: int, zeta: float, n: int) -> dict[str, float]
         x, y = dps_sample(worker, env, seed + chunk, zeta, chunk)
         images.append(x)
         contexts.append(y)
-    described = env.describe(torch.cat(images), torch.cat(contexts))
-    described.pop("panel", None)
-    return described
+    return describe(env, torch.cat(images), torch.cat(contexts))
 
 
 def train_case_psnr(worker: RolloutWorker, env, seed: int, n: int) -> float:
@@ -93,13 +114,11 @@ def train_case_psnr(worker: RolloutWorker, env, seed: int, n: int) -> float:
 
 
 @torch.no_grad()
-def path_objective(worker: RolloutWorker, args, likelihood_weight: float = 1.0) -> dict[str, float]:
+def path_objective(worker: RolloutWorker, batch: TensorDict, likelihood_weight: float = 1.0) -> dict[str, float]:
     """E[L] over the h-net's own samples of the held-out cases, L = sum_k (|u_k|^2 / 2 + <u_k, z_k>) - log p(y | x_0)
     (log_variance_loss's L on on-policy paths). Its mean is KL(P_h || P_posterior) - log Z(y), the same log Z(y) for
     every h-net on these cases, so a lower E[L] means a path measure closer to the posterior under the base model.
     With a likelihood weight lambda, the target and so E[L] are those of p(x_0) p(y | x_0)^lambda."""
-    batch = worker.collect(worker.policy_version, args.eval_seed, args.eval_samples, postprocess=False,
-                           env=worker.eval_env)  # fmt: skip
     _, control, noise = deft.controls(SimpleNamespace(policy=worker.policy), batch, set())  # on-policy: u = u^b
     _, info = deft.log_variance_loss(control, control, noise, likelihood_weight * batch["reward"].float())
     energy = 0.5 * control.pow(2).sum(dim=(1, 2))  # [B]
@@ -149,7 +168,7 @@ def main() -> None:
     base_cfg = run_config("ddpo", args, "env.samples_per_case=1")  # DPS is tuned on 64 distinct train cases
     base = RolloutWorker(base_cfg)
     base_params = sum(p.numel() for p in base.policy.unet.parameters())
-    rows["base (unconditional)"] = {**evaluate(base, args), "train_s": 0.0, "trainable_params": 0}
+    rows["base (unconditional)"] = {**held_out(base, args)[0], "train_s": 0.0, "trainable_params": 0}
 
     train_env = base.env  # DPS's step size is chosen on TRAIN measurements, then used on the held-out cases
     tuning = {z: dps_metrics(base, train_env, 99, z, args.dps_tune_samples)["psnr"]
@@ -164,22 +183,22 @@ def main() -> None:
     for weight in map(float, args.likelihood_weights.split(",")):
         cfg = run_config("deft", args, *lv_overrides, f"algo.likelihood_weight={weight}")
         worker, seconds, history = train_deft(cfg, device)
-        held_out = evaluate(worker, args)
+        evaluation = held_out(worker, args)
         lv_tuning[weight] = {"train_psnr": train_case_psnr(worker, train_env, 99, args.dps_tune_samples),
-                             "heldout_psnr": held_out["psnr"], "train_s": seconds}  # fmt: skip
+                             "heldout_psnr": evaluation[0]["psnr"], "train_s": seconds}  # fmt: skip
         print(f"  log-variance, lambda {weight:g}: PSNR on train cases {lv_tuning[weight]['train_psnr']:.2f} dB "
-              f"(held-out {held_out['psnr']:.2f})", flush=True)
+              f"(held-out {evaluation[0]['psnr']:.2f})", flush=True)
         if max(lv_tuning, key=lambda w: lv_tuning[w]["train_psnr"]) == weight:  # keep only the best h-net so far
-            best_lv = (f"DEFT log-variance (lambda={weight:g})", worker, seconds, history, weight, held_out)
+            best_lv = (f"DEFT log-variance (lambda={weight:g})", worker, seconds, history, weight, evaluation)
     supervised_cfg = run_config("deft", args, "algo.variant=supervised", "trainer.epochs=1",
                                 f"algo.supervised_steps={args.supervised_steps}", "eval.every=1")  # fmt: skip
     worker, seconds, history = train_deft(supervised_cfg, device)
-    deft_runs = [best_lv, ("DEFT supervised", worker, seconds, history, 1.0, evaluate(worker, args))]
+    deft_runs = [best_lv, ("DEFT supervised", worker, seconds, history, 1.0, held_out(worker, args))]
     histories = {}
-    for name, worker, seconds, history, weight, held_out in deft_runs:
+    for name, worker, seconds, history, weight, (metrics, paths) in deft_runs:
         histories[name] = history
         h_params = sum(p.numel() for p in worker.policy.correction.parameters())
-        rows[name] = {**held_out, **path_objective(worker, args, weight), "train_s": seconds,
+        rows[name] = {**metrics, **path_objective(worker, paths, weight), "train_s": seconds,
                       "trainable_params": h_params}  # fmt: skip
 
     print(f"\n4x super-resolution of held-out digits, sigma_y = {base_cfg['env']['sigma_y']}, {args.steps} DDIM steps "
@@ -196,12 +215,19 @@ def main() -> None:
           "same log Z(y)):")
     for name in histories:
         print(f"  {name}: E[L] {rows[name]['path_objective']:.1f} (control energy {rows[name]['control_energy']:.1f})")
+    dps = next(name for name in rows if name.startswith("DPS"))
+    comparisons = {f"{name} - {other}": paired(rows[name]["case_psnr"], rows[other]["case_psnr"])
+                   for name in histories for other in (dps, *histories) if other != name}  # fmt: skip
+    print("PSNR paired by held-out case (the mean over each case's samples), difference +- standard error:")
+    for pair, c in comparisons.items():
+        print(f"  {pair}: {c['mean_db']:+.2f} +- {c['standard_error_db']:.2f} dB (t = "
+              f"{c['mean_db'] / c['standard_error_db']:.1f}), better on {c['better_cases']} of {c['cases']} cases")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "task": "digits 4x super-resolution, held-out split", "sigma_y": base_cfg["env"]["sigma_y"],
         "sampling_steps": args.steps, "eval_samples": args.eval_samples, "device": args.device,
         "base_params": base_params, "dps_zeta_tuning_psnr_on_train": tuning, "lv_likelihood_weight_tuning": lv_tuning,
-        "methods": rows,
+        "methods": rows, "paired_psnr": comparisons,
         "args": vars(args), "training_history": histories,
     }, indent=2))  # fmt: skip
     print(f"wrote {args.out}")

@@ -37,3 +37,9 @@ def test_the_deft_benchmark_runs_every_method_and_reports_the_path_objective(tmp
     assert methods[lv]["psnr"] == tuning[best]["heldout_psnr"]
     for name in (lv, "DEFT supervised"):
         assert methods[name]["control_energy"] > 0 and methods[name]["path_objective"] > 0
+    # per-case PSNR of the 6 held-out cases (32 samples, 6 per case), paired between methods on the same cases
+    assert all(len(row["case_psnr"]) == 6 for row in methods.values())
+    pair = result["paired_psnr"][f"{lv} - DPS (zeta=10)"]
+    differences = [a - b for a, b in zip(methods[lv]["case_psnr"], methods["DPS (zeta=10)"]["case_psnr"], strict=True)]
+    assert abs(pair["mean_db"] - sum(differences) / 6) < 1e-4 and pair["cases"] == 6
+    assert pair["better_cases"] == sum(d > 0 for d in differences) and pair["standard_error_db"] > 0
