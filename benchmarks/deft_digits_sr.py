@@ -21,6 +21,7 @@ Prints a table and writes benchmarks/results/deft_digits_sr.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -216,8 +217,8 @@ def main() -> None:
     for name in histories:
         print(f"  {name}: E[L] {rows[name]['path_objective']:.1f} (control energy {rows[name]['control_energy']:.1f})")
     dps = next(name for name in rows if name.startswith("DPS"))
-    comparisons = {f"{name} - {other}": paired(rows[name]["case_psnr"], rows[other]["case_psnr"])
-                   for name in histories for other in (dps, *histories) if other != name}  # fmt: skip
+    pairs = [(name, dps) for name in histories] + list(itertools.combinations(histories, 2))
+    comparisons = {f"{a} - {b}": paired(rows[a]["case_psnr"], rows[b]["case_psnr"]) for a, b in pairs}
     print("PSNR paired by held-out case (the mean over each case's samples), difference +- standard error:")
     for pair, c in comparisons.items():
         print(f"  {pair}: {c['mean_db']:+.2f} +- {c['standard_error_db']:.2f} dB (t = "
