@@ -1,6 +1,7 @@
 """The run end to end: the driver through real Ray as a subprocess, the single-process loop, the learner."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,10 @@ def _ingest_on_rank(rank: int, model_dir: str, init_file: str, out_dir: str) -> 
         torch.save({"reward": stored["reward"], "advantage": stored["advantage"]}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # The results are saved, so the replica leaves without running destructors: freeing the learner's DDP reducer
+    # joins gloo's worker thread while holding the GIL, and that thread can still be freeing the all-gather's tensors,
+    # which needs the GIL (a deadlock seen once: main thread in ~ProcessGroupGloo, worker in ~AsyncAllgatherWork).
+    os._exit(0)
 
 
 def test_ddpo_advantages_with_two_learners_use_the_whole_epochs_rewards(tiny_model_dir, tmp_path):
