@@ -82,7 +82,7 @@ class DEFTConfig:
     # lambda: log_variance targets p(x_0) p(y | x_0)^lambda, a posterior sharpened as if sigma_y were sigma_y /
     # sqrt(lambda); above 1 it trades sample spread for measurement consistency (choose it on training cases)
     likelihood_weight: float = 1.0
-    supervised_steps: int = 20  # supervised variant: optimizer steps per epoch
+    supervised_steps: int = 50  # supervised variant: optimizer steps per epoch
     supervised_batch_size: int = 64  # supervised variant: (x, y, t) triples per optimizer step
 
     def __post_init__(self) -> None:
