@@ -24,8 +24,11 @@ Two variants (`variant`):
   (Nusken & Richter 2021; Richter et al. 2020, VarGrad). The reference tricks: drop samples whose L exceeds
   `loss_threshold`, and backpropagate through a random `timestep_fraction` of the steps plus the last
   `always_train_last` stochastic steps (the others enter L without gradient).
-- "supervised" (sec. 4.1): conditional denoising score matching on pairs (x, y = A(x) + noise) of the env's
-  training cases, |eps_theta(x_t, t) + h_phi(x_t, t, y) - eps|^2, with no sampling at all.
+- "supervised" (sec. 4.1): conditional denoising score matching on pairs (x, y = A(x) + noise),
+  |eps_theta(x_t, t) + h_phi(x_t, t, y) - eps|^2. The pairs (`pairs`) are the env's training cases ("data"), or
+  ("base") samples x of the frozen base model's own sampler, measured as y = A(x) + sigma_y noise: no ground truth
+  at all, and the target is then log-variance's lambda = 1 posterior, p_base(x_0) p(y | x_0), reached by regression
+  instead of a path-space variance.
 
 The h-net sees x_t, the Tweedie estimate x0_hat = (x_t - sqrt(1 - a_t) eps_theta) / sqrt(a_t) and the likelihood
 gradient g = grad_x log p(y | x) at x0_hat (scaled to unit RMS, its size log rms(g) as a channel of its own), and
@@ -59,6 +62,7 @@ REQUIRES_DIFFERENTIABLE_REWARD = True  # the h-net sees the gradient of log p(y 
 # stored too, so passes over the buffer run only the small h-net
 ROLLOUT_KEYS = ("noise", "base_output")
 VARIANTS = ("log_variance", "supervised")
+PAIRS = ("data", "base")  # the supervised variant's pairs: the env's training cases, or the base model's samples
 # the h-net's learning rate when algo.lr is null: log-variance starts at the analytic guidance (guidance_init) and
 # only refines it (held-out digits_sr PSNR over three seeds: 20.5-20.7 dB at 3e-4 for 20 epochs, against 19.9-20.2
 # from h = 0 at 1e-3 for 40); score matching starts at h = 0 and does better at 1e-3 (about 0.4 dB over 3e-4)
@@ -84,6 +88,8 @@ class DEFTConfig:
     likelihood_weight: float = 1.0
     supervised_steps: int = 50  # supervised variant: optimizer steps per epoch
     supervised_batch_size: int = 64  # supervised variant: (x, y, t) triples per optimizer step
+    pairs: str = "data"  # supervised variant: "data" (the env's training cases) or "base" (the base model's samples)
+    base_samples: int = 2048  # pairs="base": samples the frozen base model draws once, each measured anew per draw
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -93,6 +99,13 @@ class DEFTConfig:
         if self.likelihood_weight != 1 and self.variant != "log_variance":
             raise ValueError(f"algo.likelihood_weight={self.likelihood_weight} applies to the log_variance variant; "
                              "score matching learns the posterior of its training pairs (leave it at 1)")
+        if self.pairs not in PAIRS:
+            raise ValueError(f"algo.pairs={self.pairs} is not one of {', '.join(PAIRS)}")
+        if self.pairs != "data" and self.variant != "supervised":
+            raise ValueError(f"algo.pairs={self.pairs} chooses the supervised variant's training pairs; add "
+                             "algo.variant=supervised")  # fmt: skip
+        if self.base_samples < 1:
+            raise ValueError(f"algo.base_samples={self.base_samples} must be positive")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.variant]
 
@@ -153,7 +166,8 @@ def make_correction(cfg: DEFTConfig, env, scheduler_config: dict) -> HTransform:
     """The h-net for `env` (called by rlft.rollout.build_policy on learners and rollout workers alike)."""
     from diffusers import DDPMScheduler
 
-    if cfg.variant == "supervised" and not hasattr(env, "cases"):
+    needs = {"data": "cases", "base": "operator"}[cfg.pairs]  # the base model's pairs need only A and sigma_y
+    if cfg.variant == "supervised" and not hasattr(env, needs):
         raise ValueError("algo.variant=supervised trains on (x, y) pairs of an inverse-problem env; use "
                          "env=digits_sr or env=digits_inpaint, or algo.variant=log_variance")  # fmt: skip
     alphas_cumprod = DDPMScheduler.from_config(dict(scheduler_config)).alphas_cumprod
@@ -337,11 +351,41 @@ def log_variance_step(ctx: LearnerContext, batch: TensorDict, cfg: DEFTConfig) -
     }
 
 
-def supervised_step(ctx: LearnerContext, cfg: DEFTConfig) -> dict[str, float]:
-    policy, schedule, cases = ctx.policy, ctx.policy.schedule, ctx.env.cases
+@torch.no_grad()
+def sample_base(ctx: LearnerContext, n: int, chunk: int = 256) -> torch.Tensor:
+    """[n, C, H, W] samples x_0 of the frozen base model with the env's sampler (the h-net left out)."""
+    policy, schedule, env = ctx.policy, ctx.policy.schedule, ctx.env
+    samples = []
+    for start in range(0, n, chunk):
+        x = torch.randn((min(chunk, n - start), *env.sample_shape), generator=ctx.generator).to(ctx.device)
+        for k in range(schedule.num_steps):
+            eps = policy.base_forward(x, schedule.timesteps[k].expand(len(x)), None).float()
+            noise = torch.randn(x.shape, generator=ctx.generator).to(ctx.device)
+            x = ddim_step(eps, x, schedule.alpha_prod[k], schedule.alpha_prod_prev[k], schedule.eta, noise=noise)
+            x = x.prev_sample
+        samples.append(x)
+    return torch.cat(samples)
+
+
+def training_pairs(ctx: LearnerContext, cfg: DEFTConfig, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 [n, C, H, W] and y [n, *m]: rows of the env's training cases, or base-model samples measured anew."""
     n = cfg.supervised_batch_size
-    rows = torch.randint(len(cases), (n,), generator=ctx.generator)
-    x0, y = cases.images[rows].to(ctx.device), cases.measurements[rows].to(ctx.device)
+    if cfg.pairs == "data":
+        cases = ctx.env.cases
+        rows = torch.randint(len(cases), (n,), generator=ctx.generator)
+        return cases.images[rows].to(ctx.device), cases.measurements[rows].to(ctx.device)
+    if "base_samples" not in state:  # drawn once per learner (again after a resume: any base samples will do)
+        state["base_samples"] = sample_base(ctx, cfg.base_samples)
+    pool = state["base_samples"]
+    x0 = pool[torch.randint(len(pool), (n,), generator=ctx.generator).to(pool.device)]
+    clean = ctx.env.operator(x0)  # [n, *m]
+    return x0, clean + ctx.env.sigma_y * torch.randn(clean.shape, generator=ctx.generator).to(ctx.device)
+
+
+def supervised_step(ctx: LearnerContext, cfg: DEFTConfig, state: dict) -> dict[str, float]:
+    policy, schedule = ctx.policy, ctx.policy.schedule
+    n = cfg.supervised_batch_size
+    x0, y = training_pairs(ctx, cfg, state)
     steps = schedule.stochastic_steps.cpu()
     k = steps[torch.randint(len(steps), (n,), generator=ctx.generator)].to(ctx.device)
     timestep = schedule.timesteps[k]
@@ -361,7 +405,7 @@ Config = DEFTConfig
 
 
 def make_state(cfg: DEFTConfig) -> dict:
-    return {}  # nothing beyond the h-net and its optimizer
+    return {}  # pairs="base" keeps its base-model samples here ("base_samples"); nothing else beyond the h-net
 
 
 def prepare(batch: TensorDict, cfg: DEFTConfig, state: dict) -> tuple[TensorDict, dict]:
@@ -372,7 +416,7 @@ def update(ctx: LearnerContext, cfg: DEFTConfig, state: dict) -> dict[str, float
     """log_variance: `passes` reshuffled passes over the buffer (stale trajectories included); supervised:
     `supervised_steps` optimizer steps on fresh (x, y, t) triples."""
     if cfg.variant == "supervised":
-        return mean_over_steps([supervised_step(ctx, cfg) for _ in range(cfg.supervised_steps)])
+        return mean_over_steps([supervised_step(ctx, cfg, state) for _ in range(cfg.supervised_steps)])
     def minibatches():
         return measurement_minibatches(ctx, cfg.minibatch_size) if per_measurement(ctx) else ctx.minibatches()
 

@@ -10,7 +10,9 @@ noise on the same held-out cases (digits never seen by the base model or the h-n
 - DPS: the base model plus a gradient step per sampling step on ||y - A(x0_hat(x_t))|| through the network
   (Chung et al. 2023, step zeta / ||y - A(x0_hat)||), zeta chosen on 192 samples of TRAIN cases from a grid;
 - DEFT log-variance and DEFT supervised: the base model plus the trained h-net (algorithms/deft.py), trained on
-  measurements of the train split through the same learner / rollout-worker loop as `python -m rlft.run`.
+  measurements of the train split through the same learner / rollout-worker loop as `python -m rlft.run`; and
+  DEFT supervised on base-model pairs (`algo.pairs=base`): the same regression on the base model's own samples,
+  measured anew, which needs no ground truth and targets log-variance's lambda = 1 posterior.
   Log-variance's one knob, the likelihood weight lambda (target p(x_0) p(y | x_0)^lambda), is chosen like DPS's
   step: one h-net per value of a grid, the best PSNR on 192 samples of TRAIN cases wins.
 Per method: PSNR of each sample to its ground truth (the mean over samples), PSNR of each case's sample mean, the
@@ -158,6 +160,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40, help="DEFT log-variance epochs (2 batches each)")
     parser.add_argument("--supervised-steps", type=int, default=3000,
                         help="DEFT supervised optimizer steps (cosine learning-rate decay over them)")
+    parser.add_argument("--base-samples", type=int, default=2048,
+                        help="DEFT supervised on base-model pairs: samples the base model draws for them")
     parser.add_argument("--eval-samples", type=int, default=384, help="held-out samples (6 per case)")
     parser.add_argument("--dps-tune-samples", type=int, default=192, help="train-case samples per DPS step size")
     parser.add_argument("--eval-seed", type=int, default=1234)
@@ -202,8 +206,11 @@ def main() -> None:
     supervised_cfg = run_config("deft", args, "algo.variant=supervised", f"trainer.epochs={epochs}",
                                 f"algo.supervised_steps={per_epoch}", "trainer.lr_schedule=cosine",
                                 f"eval.every={epochs}")  # fmt: skip
-    worker, seconds, history = train_deft(supervised_cfg, device)
-    deft_runs = [best_lv, ("DEFT supervised", worker, seconds, history, 1.0, held_out(worker, args))]
+    deft_runs = [best_lv]
+    for name, pairs in (("DEFT supervised", "data"), ("DEFT supervised on base-model pairs", "base")):
+        algo = {**supervised_cfg["algo"], "pairs": pairs, "base_samples": args.base_samples}
+        worker, seconds, history = train_deft({**supervised_cfg, "algo": algo}, device)
+        deft_runs.append((name, worker, seconds, history, 1.0, held_out(worker, args)))
     histories = {}
     for name, worker, seconds, history, weight, (metrics, paths) in deft_runs:
         histories[name] = history

@@ -23,19 +23,20 @@ def test_the_gpu_benchmark_runs_both_arms_on_a_tiny_unet_and_writes_its_json(tmp
 def test_the_deft_benchmark_runs_every_method_and_reports_the_path_objective(tmp_path):
     out = tmp_path / "deft_digits_sr.json"
     subprocess.run([sys.executable, "benchmarks/deft_digits_sr.py", "--epochs", "1", "--supervised-steps", "5",
-                    "--eval-samples", "32", "--zetas", "10", "--dps-tune-samples", "32", "--likelihood-weights", "1,2",
-                    "--out", str(out)], cwd=ROOT,
+                    "--base-samples", "64", "--eval-samples", "32", "--zetas", "10", "--dps-tune-samples", "32",
+                    "--likelihood-weights", "1,2", "--out", str(out)], cwd=ROOT,
                    check=True, timeout=600, capture_output=True)  # fmt: skip
     result = json.loads(out.read_text())
     methods, tuning = result["methods"], result["lv_likelihood_weight_tuning"]
     assert sorted(tuning) == ["1.0", "2.0"]  # one h-net per likelihood weight, the best on train cases kept
     best = max(tuning, key=lambda w: tuning[w]["train_psnr"])
     lv = f"DEFT log-variance (lambda={float(best):g})"
-    assert list(methods) == ["base (unconditional)", "DPS (zeta=10)", lv, "DEFT supervised"]
+    supervised = ["DEFT supervised", "DEFT supervised on base-model pairs"]
+    assert list(methods) == ["base (unconditional)", "DPS (zeta=10)", lv, *supervised]
     for row in methods.values():
         assert 5 < row["psnr"] < 60 and row["psnr_of_case_mean"] >= row["psnr"] - 1 and row["sample_spread"] > 0
     assert methods[lv]["psnr"] == tuning[best]["heldout_psnr"]
-    for name in (lv, "DEFT supervised"):
+    for name in (lv, *supervised):
         assert methods[name]["control_energy"] > 0 and methods[name]["path_objective"] > 0
     # per-case PSNR of the 6 held-out cases (32 samples, 6 per case), paired between methods on the same cases
     assert all(len(row["case_psnr"]) == 6 for row in methods.values())
