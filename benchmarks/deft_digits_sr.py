@@ -1,8 +1,8 @@
 """DEFT on 4x super-resolution of HELD-OUT digits: PSNR and measurement error against the base model and DPS.
 
-    python benchmarks/deft_digits_sr.py                     # CPU defaults (~30 minutes on a 2-core box)
+    python benchmarks/deft_digits_sr.py                     # CPU defaults (~40 minutes on a quiet 2-core box)
     python benchmarks/deft_digits_sr.py --epochs 80 --supervised-steps 6000 --threads 2   # longer training
-    python benchmarks/deft_digits_sr.py --steps 20 --supervised-steps 6000   # the env's 20 sampling steps (~70 minutes)
+    python benchmarks/deft_digits_sr.py --steps 20 --supervised-steps 6000   # the env's 20 sampling steps (~90 minutes)
 
 Every method samples with the same DDIM schedule (env.num_inference_steps, eta = 1) from the same initial
 noise on the same held-out cases (digits never seen by the base model or the h-net):
