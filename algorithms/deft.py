@@ -361,8 +361,8 @@ def sample_base(ctx: LearnerContext, n: int, chunk: int = 256) -> torch.Tensor:
         for k in range(schedule.num_steps):
             eps = policy.base_forward(x, schedule.timesteps[k].expand(len(x)), None).float()
             noise = torch.randn(x.shape, generator=ctx.generator).to(ctx.device)
-            x = ddim_step(eps, x, schedule.alpha_prod[k], schedule.alpha_prod_prev[k], schedule.eta, noise=noise)
-            x = x.prev_sample
+            step = ddim_step(eps, x, schedule.alpha_prod[k], schedule.alpha_prod_prev[k], schedule.eta, noise=noise)
+            x = step.prev_sample
         samples.append(x)
     return torch.cat(samples)
 
