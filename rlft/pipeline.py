@@ -39,14 +39,21 @@ def quiet_worker_logs() -> None:
 
 def init_ray(cfg: dict) -> None:
     """Join `ray.address` or $RAY_ADDRESS if given, else start a local Ray with the dashboard off."""
+    start_ray(cfg["ray"]["address"], cfg["ray"]["num_cpus"])
+
+
+def start_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str] | None = None) -> None:
+    """Join `address` or $RAY_ADDRESS if given, else start a local Ray with `num_cpus` logical CPUs (default: the
+    cores, at least 4) and the dashboard off; `env_vars` reach every worker. Used by runs and by sweeps."""
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": WORKER_ENV, "worker_process_setup_hook": "rlft.pipeline.quiet_worker_logs"}
-    address = cfg["ray"]["address"] or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {**WORKER_ENV, **(env_vars or {})},
+                   "worker_process_setup_hook": "rlft.pipeline.quiet_worker_logs"}  # fmt: skip
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return
-    num_cpus = cfg["ray"]["num_cpus"] or max(4, os.cpu_count() or 1)  # logical CPUs: Train inside Tune needs headroom
+    num_cpus = num_cpus or max(4, os.cpu_count() or 1)  # logical CPUs: Train inside Tune needs headroom
     # Ray starts workers at nice 15, below its own service threads. Every wake-up of those then preempts a
     # learner's OpenMP thread and stalls the whole parallel region at its barrier: measured on 2 cores, the DDPO
     # update ran 20-30% slower in Ray Train than in a plain process. Here the workers are the job, so they run

@@ -46,9 +46,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -363,17 +361,10 @@ def make_scheduler(sweep: dict, epochs: int):
 
 
 def init_ray(sweep: dict) -> None:
-    import ray
-
-    from rlft.pipeline import WORKER_ENV
+    from rlft.pipeline import start_ray
 
     # trials keep the launch folder as their working directory, so relative paths in overrides mean the same
-    runtime_env = {"env_vars": {**WORKER_ENV, "RAY_CHDIR_TO_TRIAL_DIR": "0"}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING, runtime_env=runtime_env)
-        return
-    num_cpus = sweep["num_cpus"] or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+    start_ray(None, sweep["num_cpus"], {"RAY_CHDIR_TO_TRIAL_DIR": "0"})
 
 
 def run_sweep(sweep: dict, scheduler, keep_checkpoints: int):
