@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,21 +122,24 @@ def run_with_ray(cfg: dict, report: Report, run_dir: Path, checkpointer: Checkpo
     queue = Queue()
     r = cfg["ray"]
     use_gpu = bool(r["gpus_per_learner"])
-    trainer = TorchTrainer(
-        _learner_loop,
-        train_loop_config={"cfg": cfg, "actors": actors, "queue": queue, "checkpointer": checkpointer},
-        scaling_config=ScalingConfig(
-            num_workers=r["num_learners"], use_gpu=use_gpu,
-            resources_per_worker={"CPU": 1, **({"GPU": r["gpus_per_learner"]} if use_gpu else {})},
-        ),
-        run_config=RunConfig(name="learners", storage_path=str((run_dir / "ray").resolve()),
-                             failure_config=FailureConfig(max_failures=r["max_learner_failures"])),
-    )  # fmt: skip
+
+    def make_trainer() -> TorchTrainer:
+        return TorchTrainer(
+            _learner_loop,
+            train_loop_config={"cfg": cfg, "actors": actors, "queue": queue, "checkpointer": checkpointer},
+            scaling_config=ScalingConfig(
+                num_workers=r["num_learners"], use_gpu=use_gpu,
+                resources_per_worker={"CPU": 1, **({"GPU": r["gpus_per_learner"]} if use_gpu else {})},
+            ),
+            run_config=RunConfig(name="learners", storage_path=str((run_dir / "ray").resolve()),
+                                 failure_config=FailureConfig(max_failures=r["max_learner_failures"])),
+        )  # fmt: skip
+
     failure: list[BaseException] = []
 
     def fit() -> None:
         try:
-            trainer.fit()
+            fit_learners(make_trainer)
         except BaseException as error:  # re-raised in the driver's thread below
             failure.append(error)
         finally:
@@ -153,6 +157,32 @@ def run_with_ray(cfg: dict, report: Report, run_dir: Path, checkpointer: Checkpo
         ray.kill(actor)
     if failure:
         raise failure[0]
+
+
+# Ray Train chooses the learners' rendezvous port by binding a free port and closing it again; torch binds it
+# later, and on a busy node another process can take it in between (EADDRINUSE: once in ~440 Ray sessions of this
+# project's test suite on 2 cores, which failed a sweep's trial). Ray reports that as a controller error, which its
+# FailureConfig never retries, so the learners start again here, from the newest checkpoint as after any restart.
+PORT_RACE_RETRIES = 3
+
+
+def fit_learners(make_trainer: Callable[[], Any], retries: int = PORT_RACE_RETRIES) -> None:
+    """`make_trainer().fit()`; a new trainer when the learners' process group lost the race for its port."""
+    for attempt in range(retries + 1):
+        try:
+            make_trainer().fit()
+            return
+        except Exception as error:
+            if attempt == retries or not lost_port_race(error):
+                raise
+            print(f"rlft: the learners' process group could not bind its port (another process took it after Ray "
+                  f"Train chose it); starting the learners again ({attempt + 1} of {retries})", flush=True)  # fmt: skip
+
+
+def lost_port_race(error: BaseException) -> bool:
+    from ray.train import ControllerError
+
+    return isinstance(error, ControllerError) and "EADDRINUSE" in str(error)
 
 
 def run_local(cfg: dict, report: Report, checkpointer: Checkpointer | None = None) -> None:

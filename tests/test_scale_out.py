@@ -15,7 +15,7 @@ import torch
 
 from rlft.checkpoint import Checkpoint, committed
 from rlft.learner import Learner
-from rlft.pipeline import init_ray, ray_call, share_weights, start_rollout_actors
+from rlft.pipeline import fit_learners, init_ray, ray_call, share_weights, start_rollout_actors
 from rlft.rollout import RolloutGroup, RolloutWorker, derive_seed
 from tests.helpers import tiny_cfg
 
@@ -122,3 +122,53 @@ def test_a_rollout_actor_killed_mid_collect_is_restarted_and_its_batch_made_once
     assert uid.startswith("v1-") and str(seed) in uid
     expected = reference.collect(1, seed, 8)
     assert torch.equal(batch["latents"], expected["latents"]) and torch.equal(batch["log_prob"], expected["log_prob"])
+
+
+def test_learners_that_lost_the_race_for_their_port_start_again(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from ray.train import ControllerError
+    from ray.train.torch import TorchTrainer
+
+    from rlft.run import main
+
+    # what Ray Train raises when torch cannot bind the rendezvous port it chose (another process took it)
+    port_taken = ControllerError(torch.distributed.DistNetworkError(
+        "The server socket has failed to listen on any local network address. port: 40623, useIpv6: false, "
+        "code: -98, name: EADDRINUSE, message: address already in use"))  # fmt: skip
+    real_fit, fits = TorchTrainer.fit, []
+
+    def fit_after_losing_the_race_twice(trainer):
+        fits.append(trainer)
+        if len(fits) <= 2:
+            raise port_taken
+        return real_fit(trainer)
+
+    monkeypatch.setattr(TorchTrainer, "fit", fit_after_losing_the_race_twice)
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    try:
+        run_dir = main([f"env.base_model={tiny_model_dir}", f"logging.run_dir={tmp_path / 'run'}", "trainer.epochs=1",
+                        "ray.num_cpus=4", "env.num_inference_steps=4", "trainer.rollout_batch_size=8",
+                        "trainer.samples_per_epoch=16", "algo.minibatch_size=8", "eval.num_samples=8",
+                        "ray.rollout_threads=1", "ray.learner_threads=1", "logging.wandb=disabled",
+                        "logging.progress=false"])  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert len(fits) == 3 and len({id(t) for t in fits}) == 3  # a new trainer each time
+    assert capsys.readouterr().out.count("starting the learners again") == 2
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in lines if "reward/mean" in m] == [1]
+
+    other = ControllerError(RuntimeError("the controller failed for another reason"))
+    with pytest.raises(ControllerError, match="another reason"):  # only the port race is retried, and only so often
+        fit_learners(lambda: FailingTrainer(other))
+    attempts = []
+    with pytest.raises(ControllerError, match="EADDRINUSE"):
+        fit_learners(lambda: attempts.append(1) or FailingTrainer(port_taken), retries=2)
+    assert len(attempts) == 3
+
+
+class FailingTrainer:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def fit(self) -> None:
+        raise self.error
