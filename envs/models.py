@@ -26,9 +26,9 @@ class ModelUnavailableError(FileNotFoundError):
 def unavailable(model_id: str, what: str, config_key: str, cause: BaseException | str) -> ModelUnavailableError:
     reason = " ".join(str(cause).split())  # library messages span lines; the error reads as one
     if Path(model_id).expanduser().exists():
-        where = f"the folder {model_id} exists but does not hold a loadable {what} ({reason})"
         return ModelUnavailableError(
-            f"cannot load the {what} from {where}. Save one there with `save_pretrained`, or point "
+            f"cannot load the {what}: the folder {model_id} exists but does not hold a loadable {what} ({reason}). "
+            "Save one there with `save_pretrained`, or point "
             f"{config_key}=... at another folder or Hub id"
         )
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")

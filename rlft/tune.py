@@ -380,7 +380,8 @@ def run_sweep(sweep: dict, scheduler, keep_checkpoints: int):
     )  # fmt: skip
     if tune.Tuner.can_restore(str(sweep_dir)):
         print(f"rlft.tune: resuming the sweep in {sweep_dir} (its saved search space and settings apply)", flush=True)
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True)
+        # a trial that failed is retried from its newest checkpoint, like an interrupted one
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         print(f"rlft.tune: sweep folder {sweep_dir}", flush=True)
         tuner = tune.Tuner(
@@ -468,8 +469,11 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"rlft.tune: {stopped} trial(s) stopped before their last epoch, by the scheduler or an interruption; "
               f"rerunning `python -m rlft.tune {' '.join(args)}` resumes an interrupted sweep", flush=True)
     errors = [result.error for result in result_grid if result.error]
-    if errors:
-        print(f"rlft.tune: {len(errors)} trial(s) failed; the first error:\n{errors[0]}", file=sys.stderr, flush=True)
+    if errors:  # the sweep's results are written above; the exit status tells scripts and CI that it is incomplete
+        print(f"rlft.tune: the first trial error:\n{errors[0]}", file=sys.stderr, flush=True)
+        raise SystemExit(f"rlft.tune: {len(errors)} of {len(table)} trial(s) failed (status 'error' in results.csv, "
+                         f"each trial's error.txt in its folder); rerunning `python -m rlft.tune {' '.join(args)}` "
+                         "retries them from their newest checkpoints")  # fmt: skip
     return sweep_dir
 
 
