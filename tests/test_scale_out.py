@@ -17,7 +17,7 @@ from rlft.checkpoint import Checkpoint, committed
 from rlft.learner import Learner
 from rlft.pipeline import fit_learners, init_ray, ray_call, share_weights, start_rollout_actors
 from rlft.rollout import RolloutGroup, RolloutWorker, derive_seed
-from tests.helpers import tiny_cfg
+from tests.helpers import TINY_OVERRIDES, tiny_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -145,11 +145,8 @@ def test_learners_that_lost_the_race_for_their_port_start_again(tiny_model_dir, 
     monkeypatch.setattr(TorchTrainer, "fit", fit_after_losing_the_race_twice)
     monkeypatch.setenv("RAY_ADDRESS", "")
     try:
-        run_dir = main([f"env.base_model={tiny_model_dir}", f"logging.run_dir={tmp_path / 'run'}", "trainer.epochs=1",
-                        "ray.num_cpus=4", "env.num_inference_steps=4", "trainer.rollout_batch_size=8",
-                        "trainer.samples_per_epoch=16", "algo.minibatch_size=8", "eval.num_samples=8",
-                        "ray.rollout_threads=1", "ray.learner_threads=1", "logging.wandb=disabled",
-                        "logging.progress=false"])  # fmt: skip
+        run_dir = main([f"env.base_model={tiny_model_dir}", *TINY_OVERRIDES, f"logging.run_dir={tmp_path / 'run'}",
+                        "trainer.epochs=1", "ray.num_cpus=4"])  # fmt: skip
     finally:
         ray.shutdown()
     assert len(fits) == 3 and len({id(t) for t in fits}) == 3  # a new trainer each time
