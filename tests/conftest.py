@@ -6,7 +6,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402  (importing torch does not import triton; tensordict and diffusers do)
+
+if not torch.cuda.is_available():
+    # rlft's Triton kernels (rlft/group_norm_silu.py) then run on CPU through Triton's interpreter, which has to be
+    # chosen before triton is first imported; inductor's CPU code generation does not use triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def save_tiny_ddpm(path, seed: int = 0, sample_size: int = 16, channels: int = 1):

@@ -1,10 +1,12 @@
-"""Benchmarks run with tiny settings, so their code is tested: gpu_ddpo_epoch.py on CPU (a GPU session should never
-find it broken: GPU time is scarce) and deft_digits_sr.py."""
+"""Benchmarks run with tiny settings, so their code is tested: gpu_ddpo_epoch.py and gpu_group_norm_silu.py on CPU (a
+GPU session should never find them broken: GPU time is scarce) and deft_digits_sr.py."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +20,19 @@ def test_the_gpu_benchmark_runs_both_arms_on_a_tiny_unet_and_writes_its_json(tmp
     for arm in result["results"].values():
         assert arm["samples"] == 8 and arm["samples_per_s"] > 0 and arm["training_sample_steps_per_s"] > 0
     assert result["speedup"] == result["results"]["rlft"]["samples_per_s"] / result["results"]["plain"]["samples_per_s"]
+
+
+def test_the_group_norm_benchmark_times_both_arms_and_checks_rlfts_gradients(tmp_path):
+    out = tmp_path / "gpu_group_norm_silu.json"
+    subprocess.run([sys.executable, "benchmarks/gpu_group_norm_silu.py", "--tiny", "--out", str(out)], cwd=ROOT,
+                   check=True, timeout=600, capture_output=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["reference"] == "eager" and result["coverage"] >= 0.95
+    for case in result["cases"]:
+        assert case["rlft"]["training_ms"] > 0 and case["eager"]["training_ms"] > 0
+        assert max(case["rlft_errors"].values()) < 1e-2  # bf16 rounding of the output and input gradient
+    weighted = sum(case["rlft"]["training_ms"] * case["call_sites"] for case in result["cases"])
+    assert result["totals"]["rlft"]["training_ms"] == pytest.approx(weighted)
 
 
 def test_the_deft_benchmark_runs_every_method_and_reports_the_path_objective(tmp_path):

@@ -1,0 +1,96 @@
+"""rlft.group_norm_silu's Triton kernels against autograd in float64: on a GPU when there is one, else on CPU through
+Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported)."""
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def kernels():
+    module = importlib.import_module("rlft.group_norm_silu")
+    interpreted = type(module._scale_shift_silu_kernel).__name__ == "InterpretedFunction"
+    assert interpreted == (DEVICE == "cpu"), f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} on {DEVICE}"
+    return module
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.to(DEVICE).contiguous(memory_format=torch.channels_last)
+
+
+def relative_errors(kernels, x, groups, eps=1e-6):
+    """Output and gradient errors of group_norm_silu against float64 autograd, for one upstream gradient."""
+    c = x.shape[1]
+    weight = torch.randn(c, device=DEVICE, requires_grad=True)
+    bias = torch.randn(c, device=DEVICE, requires_grad=True)
+    x = x.requires_grad_()
+    y = kernels.group_norm_silu(x, groups, weight, bias, eps)
+    dy = torch.randn_like(y)
+    got = (y, *torch.autograd.grad(y, (x, weight, bias), dy))
+    exact = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    y64 = F.silu(F.group_norm(exact[0], groups, exact[1], exact[2], eps))
+    expected = (y64, *torch.autograd.grad(y64, exact, dy.double()))
+    assert y.dtype == x.dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert got[1].is_contiguous(memory_format=torch.channels_last)
+    return [((g.double() - e).norm() / e.norm()).item() for g, e in zip(got, expected, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "shape, groups",
+    [
+        ((2, 12, 5, 3), 4),  # 3 channels per group: a group is not a power of 2, and the channel block is padded
+        ((3, 64, 4, 4), 32),  # the UNet's 32 groups
+        ((1, 24, 17, 9), 2),  # 153 pixels: several pixel blocks (small tiles below), the last one short
+    ],
+)  # fmt: skip
+def test_output_and_gradients_match_autograd_in_float64(kernels, monkeypatch, shape, groups):
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 64)  # small tiles, so reductions combine several blocks
+    torch.manual_seed(0)
+    errors = relative_errors(kernels, channels_last(torch.randn(shape) * 2), groups)
+    assert max(errors) < 1e-5, errors
+
+
+def test_statistics_do_not_cancel_when_the_mean_is_large_against_the_spread(kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 64)  # several blocks, whose sums add up
+    torch.manual_seed(0)
+    x = channels_last(torch.randn(2, 16, 8, 8) * 0.01 + 300.0)  # mean / std = 3e4: E[x^2] - E[x]^2 loses it all
+    mean, rstd = kernels._group_moments(x, 4, eps=0.0)
+    groups = x.double().reshape(2, 4, -1)
+    torch.testing.assert_close(mean.double(), groups.mean(-1), rtol=1e-7, atol=0)
+    torch.testing.assert_close(rstd.double(), groups.var(-1, unbiased=False).rsqrt(), rtol=1e-5, atol=0)
+
+
+def test_bf16_activations_are_normalised_in_fp32(kernels):
+    torch.manual_seed(0)
+    x = channels_last(torch.randn(2, 48, 6, 6)).bfloat16()
+    output_error, grad_x_error, grad_weight_error, grad_bias_error = relative_errors(kernels, x, 8)
+    assert output_error < 8e-3 and grad_x_error < 8e-3  # bf16 rounding of the stored results (2^-8), no more
+    assert grad_weight_error < 1e-5 and grad_bias_error < 1e-5  # reductions and parameters in fp32
+
+
+def test_the_custom_op_is_registered_for_autograd_and_compile(kernels):
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT dispatch agree."""
+    torch.manual_seed(0)
+    x = channels_last(torch.randn(2, 8, 4, 4)).requires_grad_()
+    weight = torch.randn(8, device=DEVICE, requires_grad=True)
+    bias = torch.randn(8, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.rlft.group_norm_silu.default, (x, weight, bias, 4, 1e-5))
+
+
+def test_bad_inputs_name_the_fix(kernels, monkeypatch):
+    weight, bias = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    with pytest.raises(ValueError, match="channels_last"):
+        kernels.group_norm_silu(torch.randn(2, 8, 4, 4, device=DEVICE), 4, weight, bias)
+    with pytest.raises(ValueError, match="8 channels do not split into 3"):
+        kernels.group_norm_silu(channels_last(torch.randn(2, 8, 4, 4)), 3, weight, bias)
+    with pytest.raises(ValueError, match=r"shape \(8,\)"):
+        kernels.group_norm_silu(channels_last(torch.randn(2, 8, 4, 4)), 4, torch.ones(4, device=DEVICE), bias)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="CUDA GPU.*TRITON_INTERPRET=1"):
+        kernels.group_norm_silu(torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last), 4,
+                                torch.ones(8), torch.zeros(8))  # fmt: skip
