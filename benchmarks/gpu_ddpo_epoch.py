@@ -83,8 +83,8 @@ def bf16_matmul_peak(device: torch.device, seconds: float = 3.0) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def make_policy(unet_config: dict, steps: int, device: torch.device, fast: bool,
-                probe_batch: int = 0, inductor_options: dict | None = None) -> tuple[DiffusionPolicy, dict]:
+def make_policy(unet_config: dict, steps: int, device: torch.device, fast: bool, probe_batch: int = 0,
+                inductor_options: dict | None = None, fused_norm_silu: bool = False) -> tuple[DiffusionPolicy, dict]:
     """The policy of one arm, and (rlft's arm on a GPU) what its compile reported."""
     torch.manual_seed(0)  # both arms start from the same random weights
     unet = UNet2DModel(**unet_config).to(device)
@@ -99,15 +99,17 @@ def make_policy(unet_config: dict, steps: int, device: torch.device, fast: bool,
         x_t = torch.randn(probe_batch, c, size, size, device=device)
         try:
             policy.compile_network((x_t, timestep, torch.zeros(probe_batch, 0, device=device)), check_gradients=True,
-                                   inductor_options=inductor_options)  # fmt: skip
+                                   inductor_options=inductor_options, fused_norm_silu=fused_norm_silu)  # fmt: skip
             check = "passed"
         except RuntimeError as error:  # the network is compiled either way: time it, and say the check failed
             check = f"FAILED: {error}"
         layout_pass = policy.backward_layout_pass
         report = {"compile_check": check, "inductor_options": inductor_options,
-                  "nhwc_backward_arguments": layout_pass and layout_pass.restrided_arguments}
+                  "nhwc_backward_arguments": layout_pass and layout_pass.restrided_arguments,
+                  "fused_norm_silu": policy.fused_norm_silu_count}  # fmt: skip
         print(f"  compile check against eager: {check}; convolution-backward arguments made NHWC: "
-              f"{report['nhwc_backward_arguments']}", flush=True)
+              f"{report['nhwc_backward_arguments']}; group norms fused with their SiLU: {report['fused_norm_silu']}",
+              flush=True)  # fmt: skip
         return policy, report
     return policy, {}
 
@@ -244,6 +246,8 @@ def main() -> None:
                         help="rlft's timesteps per training call (a divisor of the trained steps: one shape)")
     parser.add_argument("--inductor-options", type=json.loads, default=None,
                         help="""extra inductor options for rlft's compile, as JSON, e.g. '{"max_autotune": true}'""")
+    parser.add_argument("--fused-norm-silu", action="store_true",
+                        help="rlft's arm routes group norm + SiLU through rlft/group_norm_silu.py's Triton kernels")
     parser.add_argument("--skip-plain", action="store_true",
                         help="rlft's arm only (compare with a plain arm run on the same warm machine)")
     parser.add_argument("--out", default="benchmarks/results/gpu_ddpo_epoch.json", help="where the JSON goes")
@@ -278,7 +282,8 @@ def main() -> None:
     start = time.perf_counter()
     rlft_policy, compile_report = make_policy(unet_config, steps, device, fast=True,
                                               probe_batch=rlft_batches[1] * rlft_stack,
-                                              inductor_options=args.inductor_options)  # fmt: skip
+                                              inductor_options=args.inductor_options,
+                                              fused_norm_silu=args.fused_norm_silu)  # fmt: skip
     results["rlft"] = run_arm("rlft", rlft_policy, rlft_samples, *rlft_batches, device, flops_per_forward, peak,
                               rlft_stack)  # fmt: skip
     results["rlft"]["warmup_and_epoch_s"] = time.perf_counter() - start

@@ -7,6 +7,7 @@ naming the bad key or value and the nearest valid one.
 from __future__ import annotations
 
 import difflib
+import os
 from importlib.resources import files
 from pathlib import Path
 
@@ -166,6 +167,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(problem)
     _one_of("trainer.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _one_of("policy.dtype", cfg.policy.dtype, ("fp32", "bf16"))
+    if cfg.policy.fused_norm_silu:
+        _require(cfg.policy.compile and cfg.policy.channels_last, "policy.fused_norm_silu=true runs in the compiled "
+                 "NHWC network: set policy.compile=true policy.channels_last=true too")  # fmt: skip
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        _require(resolve_device(cfg.device).type == "cuda" or interpreted, "policy.fused_norm_silu=true runs Triton "
+                 f"GPU kernels, and device={cfg.device} is not a GPU: use device=cuda, or policy.fused_norm_silu=false")
     _one_of("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))
     _require(t.epochs >= 1 and cfg.eval.every >= 1, "trainer.epochs and eval.every must be at least 1")
     if cfg.device.startswith("cuda") and r.enabled:

@@ -88,6 +88,7 @@ class DiffusionPolicy(nn.Module):
         self.conditional = hasattr(unet.config, "cross_attention_dim") and unet.config.cross_attention_dim
         self.gradient_checkpointing = False  # set by rlft.lora.configure_policy from the `policy:` config
         self.backward_layout_pass = None  # compile_network's NHWCConvolutionBackward, when the network is NHWC
+        self.fused_norm_silu_count = 0  # group norms compile_network routed through rlft's Triton kernels
         # `correction(x_t, timestep, context, base_output)` is added to the noise prediction of a frozen base
         # network (DEFT's h-transform); then only its weights train and travel to the rollout workers
         self.correction = correction
@@ -102,17 +103,22 @@ class DiffusionPolicy(nn.Module):
 
     def compile_network(
         self, probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor], check_gradients: bool,
-        inductor_options: dict | None = None,
+        inductor_options: dict | None = None, fused_norm_silu: bool = False,
     ) -> None:  # fmt: skip
         """torch.compile the network in place (parameter names unchanged, so weights still publish as before), then
         check the compiled network against eager on `probe` = (x_t, timestep, context): its output and, with
         `check_gradients`, the gradients of the trainable parameters. `inductor_options` go to inductor as they are
-        (torch._inductor.config names, e.g. {"coordinate_descent_tuning": True}).
+        (torch._inductor.config names, e.g. {"coordinate_descent_tuning": True}). `fused_norm_silu` first routes
+        each group norm + SiLU through rlft's Triton kernels (rlft/group_norm_silu.py), so the check covers them too.
 
         Why check: a miscompiled backward trains silently wrong. With torch 2.13's inductor on CPU, the digits UNet's
         compiled backward dropped the gradient through its lowest-resolution upsampler, so every weight at 4x4 got
         a zero gradient while the output still matched eager. The check costs one eager and one compiled call."""
         reference = self._probe(probe, check_gradients)
+        if fused_norm_silu:
+            from rlft.group_norm_silu import fuse_norm_silu  # imports triton: only when asked for
+
+            self.fused_norm_silu_count = fuse_norm_silu(self.unet)
         options = dict(inductor_options or {})
         if self.memory_format == torch.channels_last:
             from rlft.inductor_passes import NHWCConvolutionBackward  # imports inductor: only when compiling
@@ -140,7 +146,8 @@ class DiffusionPolicy(nn.Module):
                 f"torch.compile (torch {torch.__version__}, {self.device.type}) changed the network's results beyond "
                 f"{tolerance:g} relative error, checked against eager on one batch: {len(wrong)} of {len(reference)} "
                 f"tensors differ, worst {worst}. Training on it would be silently wrong; run with policy.compile=false "
-                "(eager), or try another torch version."
+                "(eager)" + (" or policy.fused_norm_silu=false" if fused_norm_silu else "") + ", or try another torch "
+                "version."
             )
 
     def _probe(self, probe: tuple[torch.Tensor, ...], gradients: bool) -> dict[str, torch.Tensor]:

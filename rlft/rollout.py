@@ -79,7 +79,8 @@ def build_policy(cfg: dict, device: torch.device, training: bool = True) -> tupl
         policy.use_channels_last()
     if fast["compile"]:
         observation, _ = env.reset(seed=cfg["seed"])
-        policy.compile_network((observation["x_t"], observation["timestep"], observation["context"]), training)
+        probe = (observation["x_t"], observation["timestep"], observation["context"])
+        policy.compile_network(probe, training, fused_norm_silu=fast["fused_norm_silu"])
     return policy, env
 
 

@@ -43,6 +43,14 @@ def test_ddpo_needs_a_stochastic_sampler():
         check("env.eta=0.0")
 
 
+def test_fused_norm_silu_needs_the_compiled_nhwc_network_on_a_gpu(monkeypatch):
+    with pytest.raises(ConfigError, match="set policy.compile=true policy.channels_last=true too"):
+        check("policy.fused_norm_silu=true", "policy.compile=true")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' CPU stand-in for a GPU (tests/conftest.py)
+    with pytest.raises(ConfigError, match="device=cpu is not a GPU: use device=cuda, or policy.fused_norm_silu=false"):
+        check("policy.fused_norm_silu=true", "policy.compile=true", "policy.channels_last=true")
+
+
 def test_an_algorithm_that_backpropagates_through_the_reward_refuses_jpeg(monkeypatch):
     monkeypatch.setattr(algorithms.ddpo, "REQUIRES_DIFFERENTIABLE_REWARD", True)
     with pytest.raises(ConfigError, match="reward=jpeg_compressibility is not differentiable"):

@@ -94,3 +94,27 @@ def test_bad_inputs_name_the_fix(kernels, monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA GPU.*TRITON_INTERPRET=1"):
         kernels.group_norm_silu(torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last), 4,
                                 torch.ones(8), torch.zeros(8))  # fmt: skip
+
+
+def test_a_fused_unet_computes_what_diffusers_computes_with_the_same_parameter_names(kernels):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).to(DEVICE).to(memory_format=torch.channels_last)  # fmt: skip
+    x = channels_last(torch.randn(3, 1, 8, 8))
+    timestep = torch.tensor([10, 500, 900], device=DEVICE)
+    names = [name for name, _ in unet.named_parameters()]
+    expected_output = unet(x, timestep).sample
+    expected = torch.autograd.grad(expected_output.square().mean(), list(unet.parameters()))
+
+    resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
+    assert kernels.fuse_norm_silu(unet) == 2 * resnets + 1  # norm1, norm2 of every resnet block, and the output norm
+    assert [name for name, _ in unet.named_parameters()] == names
+    output = unet(x, timestep).sample
+    gradients = torch.autograd.grad(output.square().mean(), list(unet.parameters()))
+    torch.testing.assert_close(output, expected_output, rtol=1e-4, atol=1e-5)
+    for name, got, want in zip(names, gradients, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
