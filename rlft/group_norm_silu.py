@@ -25,24 +25,28 @@ import triton.language as tl
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-TILE_ELEMENTS = 4096  # elements of one tile (pixels x channels) a program holds at once
+# Tiles are [pixels, channels] blocks of whole pixel rows. Sizes keep 16 elements per thread: compiled for sm_90,
+# each kernel then needs at most 115 registers and spills none (ptxas -v, 128 to 1024 channels), so several programs
+# share an SM to hide memory latency. (Twice these tiles needed up to 217 registers.)
+POINTWISE_TILE = 2048  # elements a pointwise program (4 warps) holds
+REDUCTION_TILE = 4096  # elements per tile of a reduction program (8 warps), which keeps 2 fp32 accumulators of it
+REDUCTION_WARPS = 8
 TILES_PER_REDUCTION = 8  # tiles a reduction program sums, so its partial sums are few
-REDUCTION_WARPS = 8  # a reduction program keeps two fp32 accumulators of a whole tile in registers
 
 
 @triton.jit
-def _group_sums_kernel(
-    x_ptr, sum_ptr, square_ptr, P, C, CPG, G,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, TILES: tl.constexpr,
+def _channel_moments_kernel(
+    x_ptr, sum_ptr, square_ptr, P, C, CPG, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
 ):  # fmt: skip
-    """Sums of d and d^2 per group over one block of pixels, d = x - (the group's first element): [N, blocks, G]."""
+    """Per channel and block of pixels, the sums of d and d^2, d = x - (the first element of the channel's group):
+    [N, blocks, C]."""
     n, block = tl.program_id(0), tl.program_id(1)
     channels = tl.arange(0, BLOCK_C)
     channel_ok = channels < C
     first = block * BLOCK_P * TILES
     base = x_ptr + n.to(tl.int64) * P * C
     # the shift makes sums of squares keep the variance when a group's mean is large against its spread (plain
-    # E[x^2] - E[x]^2 cancels); every block of a sample uses the same one, so blocks combine by adding their sums
+    # E[x^2] - E[x]^2 cancels); all blocks and channels of a group share it, so their sums simply add up
     shift = tl.load(base + (channels // CPG) * CPG, mask=channel_ok, other=0.0).to(tl.float32)
     sums = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     squares = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
@@ -53,14 +57,9 @@ def _group_sums_kernel(
         d = tl.where(ok, x - shift[None, :], 0.0)
         sums += d
         squares += d * d
-    # channels -> groups (channel c is in group c // CPG) through a membership mask, since CPG need not be a power of 2
-    groups = tl.arange(0, BLOCK_G)
-    member = ((channels[:, None] // CPG) == groups[None, :]) & channel_ok[:, None]  # [BLOCK_C, BLOCK_G]
-    group_sum = tl.sum(tl.where(member, tl.sum(sums, axis=0)[:, None], 0.0), axis=0)
-    group_square = tl.sum(tl.where(member, tl.sum(squares, axis=0)[:, None], 0.0), axis=0)
-    out = (n * tl.num_programs(1) + block) * G + groups
-    tl.store(sum_ptr + out, group_sum, mask=groups < G)
-    tl.store(square_ptr + out, group_square, mask=groups < G)
+    out = (n * tl.num_programs(1) + block) * C + channels
+    tl.store(sum_ptr + out, tl.sum(sums, axis=0), mask=channel_ok)
+    tl.store(square_ptr + out, tl.sum(squares, axis=0), mask=channel_ok)
 
 
 @triton.jit
@@ -141,10 +140,16 @@ def _input_grad_kernel(
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-def _tiling(pixels: int, channels: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, tiles per reduction program) for a [pixels, channels] activation."""
+def _pointwise_tiling(pixels: int, channels: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of a pointwise kernel over a [pixels, channels] activation."""
     block_c = triton.next_power_of_2(channels)
-    block_p = max(1, TILE_ELEMENTS // block_c)
+    return max(1, POINTWISE_TILE // block_c), block_c
+
+
+def _reduction_tiling(pixels: int, channels: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, tiles per program) of a reduction kernel over a [pixels, channels] activation."""
+    block_c = triton.next_power_of_2(channels)
+    block_p = max(1, REDUCTION_TILE // block_c)
     return block_p, block_c, min(TILES_PER_REDUCTION, triton.cdiv(pixels, block_p))
 
 
@@ -171,18 +176,16 @@ def _group_moments(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.
     """Each (sample, group)'s mean and 1 / sqrt(variance + eps), fp32 [N, G] (biased variance, as group norm)."""
     n, c, h, w = x.shape
     pixels, per_group = h * w, c // num_groups
-    block_p, block_c, tiles = _tiling(pixels, c)
+    block_p, block_c, tiles = _reduction_tiling(pixels, c)
     blocks = triton.cdiv(pixels, block_p * tiles)
-    block_sums = x.new_empty(n, blocks, num_groups, dtype=torch.float32)
+    block_sums = x.new_empty(n, blocks, c, dtype=torch.float32)
     block_squares = torch.empty_like(block_sums)
-    _group_sums_kernel[(n, blocks)](
-        x, block_sums, block_squares, pixels, c, per_group, num_groups,
-        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(num_groups), TILES=tiles,
-        num_warps=REDUCTION_WARPS,
-    )  # fmt: skip
+    _channel_moments_kernel[(n, blocks)](x, block_sums, block_squares, pixels, c, per_group, BLOCK_P=block_p,
+                                         BLOCK_C=block_c, TILES=tiles, num_warps=REDUCTION_WARPS)  # fmt: skip
     elements = pixels * per_group
-    shifted_mean = block_sums.sum(1) / elements  # [N, G], of d = x - shift
-    variance = (block_squares.sum(1) / elements - shifted_mean**2).clamp(min=0)
+    shifted_mean = block_sums.view(n, blocks, num_groups, per_group).sum((1, 3)) / elements  # [N, G], of d
+    shifted_square = block_squares.view(n, blocks, num_groups, per_group).sum((1, 3)) / elements
+    variance = (shifted_square - shifted_mean**2).clamp(min=0)
     shift = x[:, ::per_group, 0, 0].float()  # each group's first element, as the kernel took it
     return shift + shifted_mean, torch.rsqrt(variance + eps)
 
@@ -201,7 +204,7 @@ def _forward(
     scale = _per_channel(rstd, c) * weight.float()  # [N, C]: z = x * scale + shift = gamma * x_hat + beta
     shift = bias.float() - _per_channel(mean, c) * scale
     y = torch.empty_like(x)  # channels_last, as x
-    block_p, block_c, _ = _tiling(h * w, c)
+    block_p, block_c = _pointwise_tiling(h * w, c)
     _scale_shift_silu_kernel[(n, triton.cdiv(h * w, block_p))](x, scale, shift, y, h * w, c, BLOCK_P=block_p,
                                                                BLOCK_C=block_c)  # fmt: skip
     return y, mean, rstd
@@ -225,7 +228,7 @@ def _backward(
     mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)  # [N, C]
     scale = rstd_c * gamma
     shift = bias.float() - mean_c * scale
-    block_p, block_c, tiles = _tiling(pixels, c)
+    block_p, block_c, tiles = _reduction_tiling(pixels, c)
     blocks = triton.cdiv(pixels, block_p * tiles)
     dz_sums = x.new_empty(n, blocks, c, dtype=torch.float32)
     dz_xhat_sums = torch.empty_like(dz_sums)
@@ -241,6 +244,7 @@ def _backward(
     x_coef = -rstd_c * rstd_c * mean_g_xhat
     constant = -rstd_c * mean_g - x_coef * mean_c
     grad_x = torch.empty_like(x)
+    block_p, block_c = _pointwise_tiling(pixels, c)
     _input_grad_kernel[(n, triton.cdiv(pixels, block_p))](
         x, grad_y, scale, shift, scale, x_coef, constant, grad_x, pixels, c,
         BLOCK_P=block_p, BLOCK_C=block_c,
