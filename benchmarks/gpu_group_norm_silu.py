@@ -8,7 +8,8 @@ Why: these kernels are 47% of the GPU time of a compiled DDPO training call (ben
 H100). Each case is one activation shape of the UNet's group norms that a SiLU follows (resnet blocks and the output
 norm) at the training call's batch, x in bf16 and NHWC as the fast path runs them:
 
-    inductor: torch.compile of silu(group_norm(x.float())).to(bf16), forward and forward + backward
+    eager:    silu(group_norm(x.float())).to(bf16), PyTorch's own kernels, forward and forward + backward
+    inductor: torch.compile of the same (GPU only), as the compiled network runs it without rlft's kernels
     rlft:     rlft.group_norm_silu (4 Triton kernels and small [N, C] tensors in between)
     floor:    the bytes each pass must move (forward: read x, write y; + backward: read x and dy, write dx) at the
               device-to-device copy bandwidth measured in the same run
@@ -134,7 +135,6 @@ def main() -> None:
         covered += elements[shape] * shapes[shape]
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     bandwidth = copy_bandwidth(device, max(elements.values()))
-    reference_name = "inductor" if device.type == "cuda" else "eager"
     print(f"{card}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; {len(cases)} of {len(shapes)} shapes, "
           f"{100 * covered / total_elements:.1f}% of the {total_elements:,} group-norm elements per call", flush=True)
 
@@ -147,54 +147,48 @@ def main() -> None:
         bias = (0.1 * torch.randn(c, device=device)).requires_grad_()
         dy = torch.randn_like(x)
 
-        def ours(x, weight, bias, groups=groups, eps=eps):
-            return group_norm_silu(x, groups, weight, bias, eps)
-
-        def theirs(x, weight, bias, groups=groups, eps=eps):
+        def eager(x, weight, bias, groups=groups, eps=eps):
             return reference(x, weight, bias, groups, eps)
 
-        if device.type == "cuda":
-            theirs = torch.compile(theirs, dynamic=False)
+        def rlft(x, weight, bias, groups=groups, eps=eps):
+            return group_norm_silu(x, groups, weight, bias, eps)
+
+        arms = {"eager": eager, "rlft": rlft}
+        if device.type == "cuda":  # inductor's Triton kernels, as in the compiled network
+            arms = {"eager": eager, "inductor": torch.compile(eager, dynamic=False), "rlft": rlft}
         n_elements = elements[(c, h, w, groups, eps)]
-        floor = {"forward_ms": FORWARD_BYTES_PER_ELEMENT * n_elements / bandwidth * 1e3,
-                 "training_ms": TRAINING_BYTES_PER_ELEMENT * n_elements / bandwidth * 1e3}  # fmt: skip
-        row = {"shape": [batch, c, h, w], "groups": groups, "call_sites": shapes[(c, h, w, groups, eps)],
-               "floor": floor, reference_name: time_arm(theirs, x, weight, bias, dy, device, reps),
-               "rlft": time_arm(ours, x, weight, bias, dy, device, reps),
-               "rlft_errors": errors(ours, x, weight, bias, dy, groups, eps),
-               f"{reference_name}_errors": errors(theirs, x, weight, bias, dy, groups, eps)}  # fmt: skip
+        row = {
+            "shape": [batch, c, h, w], "groups": groups, "call_sites": shapes[(c, h, w, groups, eps)],
+            "times": {name: time_arm(arm, x, weight, bias, dy, device, reps) for name, arm in arms.items()},
+            "errors": {name: errors(arm, x, weight, bias, dy, groups, eps) for name, arm in arms.items()},
+        }  # fmt: skip
+        row["times"]["floor"] = {"forward_ms": FORWARD_BYTES_PER_ELEMENT * n_elements / bandwidth * 1e3,
+                                 "training_ms": TRAINING_BYTES_PER_ELEMENT * n_elements / bandwidth * 1e3}  # fmt: skip
         rows.append(row)
-        print(f"  {batch}x{c}x{h}x{w} (x{row['call_sites']}): training {reference_name} "
-              f"{row[reference_name]['training_ms']:.3f} ms, rlft {row['rlft']['training_ms']:.3f} ms, floor "
-              f"{floor['training_ms']:.3f} ms; rlft grad_x error {row['rlft_errors']['grad_x']:.1e}", flush=True)
+        print(f"  {batch}x{c}x{h}x{w} (x{row['call_sites']}), training: "
+              + ", ".join(f"{name} {t['training_ms']:.3f} ms" for name, t in row["times"].items())
+              + f"; rlft grad_x error {row['errors']['rlft']['grad_x']:.1e}", flush=True)  # fmt: skip
 
-    def total(arm: str, key: str) -> float:
-        return sum(row[arm][key] * row["call_sites"] for row in rows)
-
-    totals = {arm: {key: total(arm, key) for key in ("forward_ms", "training_ms")}
-              for arm in (reference_name, "rlft", "floor")}  # fmt: skip
-    print(f"\ngroup norm + SiLU, batch {batch}, bf16 NHWC ({card}); ms per call site, totals over all call sites")
-    print(f"{'shape':>18}{'sites':>6}{'fwd ' + reference_name:>14}{'fwd rlft':>10}{'fwd floor':>10}"
-          f"{'train ' + reference_name:>16}{'train rlft':>11}{'train floor':>12}")  # fmt: skip
-    for row in rows:
-        shape = "x".join(map(str, row["shape"]))
-        print(f"{shape:>18}{row['call_sites']:>6}{row[reference_name]['forward_ms']:>14.3f}"
-              f"{row['rlft']['forward_ms']:>10.3f}{row['floor']['forward_ms']:>10.3f}"
-              f"{row[reference_name]['training_ms']:>16.3f}{row['rlft']['training_ms']:>11.3f}"
-              f"{row['floor']['training_ms']:>12.3f}")  # fmt: skip
-    print(f"{'total':>18}{sum(r['call_sites'] for r in rows):>6}{totals[reference_name]['forward_ms']:>14.2f}"
-          f"{totals['rlft']['forward_ms']:>10.2f}{totals['floor']['forward_ms']:>10.2f}"
-          f"{totals[reference_name]['training_ms']:>16.2f}{totals['rlft']['training_ms']:>11.2f}"
-          f"{totals['floor']['training_ms']:>12.2f}")  # fmt: skip
-    speedup = totals[reference_name]["training_ms"] / totals["rlft"]["training_ms"]
-    print(f"rlft / {reference_name}: {speedup:.2f}x on training (forward + backward)")
+    columns = list(rows[0]["times"])
+    totals = {name: {key: sum(row["times"][name][key] * row["call_sites"] for row in rows)
+                     for key in ("forward_ms", "training_ms")} for name in columns}  # fmt: skip
+    print(f"\ngroup norm + SiLU, batch {batch}, bf16 NHWC ({card}): ms per call site; total over all call sites")
+    for key, label in (("forward_ms", "forward"), ("training_ms", "forward + backward")):
+        print(f"{label:>20}{'sites':>6}" + "".join(f"{name:>10}" for name in columns))
+        for row in rows:
+            print(f"{'x'.join(map(str, row['shape'])):>20}{row['call_sites']:>6}"
+                  + "".join(f"{row['times'][name][key]:>10.3f}" for name in columns))  # fmt: skip
+        print(f"{'total':>20}{sum(r['call_sites'] for r in rows):>6}"
+              + "".join(f"{totals[name][key]:>10.2f}" for name in columns))  # fmt: skip
+    speedups = {name: totals[name]["training_ms"] / totals["rlft"]["training_ms"]
+                for name in columns if name not in ("rlft", "floor")}  # fmt: skip
+    print("rlft's training speed-up over " + ", ".join(f"{name}: {v:.2f}x" for name, v in speedups.items()))
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "device": card, "torch": torch.__version__, "copy_bandwidth_gb_s": bandwidth / 1e9, "batch": batch,
-        "reference": reference_name, "coverage": covered / total_elements, "cases": rows, "totals": totals,
-        "training_speedup": speedup,
+        "coverage": covered / total_elements, "cases": rows, "totals": totals, "training_speedup_of_rlft": speedups,
     }, indent=2))  # fmt: skip
     print(f"wrote {out}")
 

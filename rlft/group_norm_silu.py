@@ -118,10 +118,10 @@ def _channel_sums_kernel(
 
 @triton.jit
 def _input_grad_kernel(
-    x_ptr, dy_ptr, scale_ptr, shift_ptr, dz_coef_ptr, x_coef_ptr, bias_ptr, dx_ptr, P, C,
+    x_ptr, dy_ptr, scale_ptr, shift_ptr, x_coef_ptr, bias_ptr, dx_ptr, P, C,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """dx = dz_coef * dz + x_coef * x + bias, the coefficients per (sample, channel)."""
+    """dx = scale * dz + x_coef * x + bias, the coefficients per (sample, channel); scale = rstd * gamma."""
     n, block = tl.program_id(0), tl.program_id(1)
     channels = tl.arange(0, BLOCK_C)
     channel_ok = channels < C
@@ -133,10 +133,9 @@ def _input_grad_kernel(
     shift = tl.load(shift_ptr + per_channel, mask=channel_ok, other=0.0)
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     dz = _silu_grad(x, tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32), scale, shift)
-    dz_coef = tl.load(dz_coef_ptr + per_channel, mask=channel_ok, other=0.0)
     x_coef = tl.load(x_coef_ptr + per_channel, mask=channel_ok, other=0.0)
     bias = tl.load(bias_ptr + per_channel, mask=channel_ok, other=0.0)
-    dx = dz_coef[None, :] * dz + x_coef[None, :] * x + bias[None, :]
+    dx = scale[None, :] * dz + x_coef[None, :] * x + bias[None, :]
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
@@ -192,7 +191,7 @@ def _group_moments(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.
 
 def _per_channel(values: torch.Tensor, channels: int) -> torch.Tensor:
     """[N, G] -> [N, C], each group's value repeated over its channels."""
-    return values.repeat_interleave(channels // values.shape[1], dim=1).contiguous()
+    return values.repeat_interleave(channels // values.shape[1], dim=1)
 
 
 @torch.library.custom_op("rlft::group_norm_silu", mutates_args=())
@@ -246,7 +245,7 @@ def _backward(
     grad_x = torch.empty_like(x)
     block_p, block_c = _pointwise_tiling(pixels, c)
     _input_grad_kernel[(n, triton.cdiv(pixels, block_p))](
-        x, grad_y, scale, shift, scale, x_coef, constant, grad_x, pixels, c,
+        x, grad_y, scale, shift, x_coef, constant, grad_x, pixels, c,
         BLOCK_P=block_p, BLOCK_C=block_c,
     )  # fmt: skip
     return grad_x, dz_xhat_sum.sum(0).to(weight.dtype), dz_sum.sum(0).to(bias.dtype)

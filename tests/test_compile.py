@@ -53,19 +53,15 @@ def test_an_nhwc_network_compiles_with_nhwc_convolution_backward_and_trains_like
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
 
 
-def test_group_norm_silu_fused_into_the_compiled_network_passes_the_check_and_trains_like_eager(tiny_model_dir):
+def test_group_norm_silu_fused_into_the_compiled_network_passes_the_check(one_level_model_dir):
     """policy.fused_norm_silu: rlft's Triton kernels (on CPU through Triton's interpreter, see tests/conftest.py) as
-    custom ops inside the inductor graph, checked by compile_network against the unfused eager network."""
+    custom ops inside the inductor graph, checked by compile_network against the unfused eager network (output and
+    gradients; tests/test_group_norm_silu.py compares the kernels with autograd to float64 precision)."""
     torch._dynamo.reset()
     overrides = ("policy.compile=true", "policy.channels_last=true", "policy.fused_norm_silu=true")
-    compiled, env = build_policy(tiny_cfg(tiny_model_dir, *overrides), CPU)
+    compiled, _ = build_policy(tiny_cfg(one_level_model_dir, *overrides), CPU)  # raises on a mismatch
     resnets = sum(type(m).__name__ == "FusedResnetBlock2D" for m in compiled.unet.modules())
     assert resnets > 0 and compiled.fused_norm_silu_count == 2 * resnets + 1
-    eager, _ = build_policy(tiny_cfg(tiny_model_dir), CPU)
-    observation, _ = env.reset(seed=123)
-    for got, expected in zip(output_and_gradients(compiled, observation), output_and_gradients(eager, observation),
-                             strict=True):  # fmt: skip
-        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
 
 
 def test_the_backward_layout_pass_restrides_computed_arguments_next_to_nhwc_weights_only():
