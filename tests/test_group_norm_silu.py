@@ -97,24 +97,43 @@ def test_bad_inputs_name_the_fix(kernels, monkeypatch):
                                 torch.ones(8), torch.zeros(8))  # fmt: skip
 
 
-def test_a_fused_unet_computes_what_diffusers_computes_with_the_same_parameter_names(kernels):
+def tiny_unet():
     from diffusers import UNet2DModel
 
-    torch.manual_seed(0)
     unet = UNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).to(DEVICE).to(memory_format=torch.channels_last)  # fmt: skip
+    )  # fmt: skip
+    return unet, {}
+
+
+def tiny_conditional_unet():
+    """Stable Diffusion's UNet class: its transformer blocks' group norms (no SiLU after them) stay unfused."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2,
+    )  # fmt: skip
+    return unet, {"encoder_hidden_states": torch.randn(3, 5, 8, device=DEVICE)}
+
+
+@pytest.mark.parametrize("make_unet", [tiny_unet, tiny_conditional_unet])
+def test_a_fused_unet_computes_what_diffusers_computes_with_the_same_parameter_names(kernels, make_unet):
+    torch.manual_seed(0)
+    unet, context = make_unet()
+    unet = unet.to(DEVICE).to(memory_format=torch.channels_last)
     x = channels_last(torch.randn(3, 1, 8, 8))
     timestep = torch.tensor([10, 500, 900], device=DEVICE)
     names = [name for name, _ in unet.named_parameters()]
-    expected_output = unet(x, timestep).sample
+    expected_output = unet(x, timestep, **context).sample
     expected = torch.autograd.grad(expected_output.square().mean(), list(unet.parameters()))
 
     resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
     assert kernels.fuse_norm_silu(unet) == 2 * resnets + 1  # norm1, norm2 of every resnet block, and the output norm
     assert [name for name, _ in unet.named_parameters()] == names
-    output = unet(x, timestep).sample
+    output = unet(x, timestep, **context).sample
     gradients = torch.autograd.grad(output.square().mean(), list(unet.parameters()))
     torch.testing.assert_close(output, expected_output, rtol=1e-4, atol=1e-5)
     for name, got, want in zip(names, gradients, expected, strict=True):
