@@ -167,7 +167,7 @@ def _check_input(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: t
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"group_norm_silu runs Triton kernels on a CUDA GPU; x is on {x.device}. To check the kernels on CPU "
-            "(slowly), set TRITON_INTERPRET=1 before this module is imported."
+            "(slowly), set TRITON_INTERPRET=1 before anything imports triton."
         )
 
 
