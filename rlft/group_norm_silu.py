@@ -194,14 +194,19 @@ def _per_channel(values: torch.Tensor, channels: int) -> torch.Tensor:
     return values.repeat_interleave(channels // values.shape[1], dim=1)
 
 
+def _scale_shift(mean_c: torch.Tensor, rstd_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """Per (sample, channel) [N, C]: z = x * scale + shift = gamma * x_hat + beta."""
+    scale = rstd_c * weight.float()
+    return scale, bias.float() - mean_c * scale
+
+
 @torch.library.custom_op("rlft::group_norm_silu", mutates_args=())
 def _forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
     mean, rstd = _group_moments(x, num_groups, eps)
-    scale = _per_channel(rstd, c) * weight.float()  # [N, C]: z = x * scale + shift = gamma * x_hat + beta
-    shift = bias.float() - _per_channel(mean, c) * scale
+    scale, shift = _scale_shift(_per_channel(mean, c), _per_channel(rstd, c), weight, bias)
     y = torch.empty_like(x)  # channels_last, as x
     block_p, block_c = _pointwise_tiling(h * w, c)
     _scale_shift_silu_kernel[(n, triton.cdiv(h * w, block_p))](x, scale, shift, y, h * w, c, BLOCK_P=block_p,
@@ -225,8 +230,7 @@ def _backward(
     grad_y = grad_y.contiguous(memory_format=torch.channels_last)
     gamma = weight.float()
     mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)  # [N, C]
-    scale = rstd_c * gamma
-    shift = bias.float() - mean_c * scale
+    scale, shift = _scale_shift(mean_c, rstd_c, weight, bias)
     block_p, block_c, tiles = _reduction_tiling(pixels, c)
     blocks = triton.cdiv(pixels, block_p * tiles)
     dz_sums = x.new_empty(n, blocks, c, dtype=torch.float32)
