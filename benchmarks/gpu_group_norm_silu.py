@@ -155,6 +155,7 @@ def main() -> None:
 
         arms = {"eager": eager, "rlft": rlft}
         if device.type == "cuda":  # inductor's Triton kernels, as in the compiled network
+            torch._dynamo.reset()  # a fresh compile per shape: past dynamo's recompile limit, it would run eager
             arms = {"eager": eager, "inductor": torch.compile(eager, dynamic=False), "rlft": rlft}
         n_elements = elements[(c, h, w, groups, eps)]
         row = {

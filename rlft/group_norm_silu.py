@@ -32,46 +32,103 @@ POINTWISE_TILE = 2048  # elements a pointwise program (4 warps) holds
 REDUCTION_TILE = 4096  # elements per tile of a reduction program (8 warps), which keeps 2 fp32 accumulators of it
 REDUCTION_WARPS = 8
 TILES_PER_REDUCTION = 8  # tiles a reduction program sums, so its partial sums are few
+PARTIALS_PER_STEP = 64  # rows of partial sums a (sample, group) program folds per step
+
+
+@triton.jit
+def _load_tile(ptr, base, tile, first, P, C, channels, channel_ok, BLOCK_P: tl.constexpr):
+    """Tile `tile` of a reduction program's pixels as fp32 [BLOCK_P, BLOCK_C] (0 outside), and its mask."""
+    pixels = first + tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = (pixels < P)[:, None] & channel_ok[None, :]
+    return tl.load(ptr + base + pixels[:, None] * C + channels[None, :], mask=ok, other=0.0).to(tl.float32), ok
 
 
 @triton.jit
 def _channel_moments_kernel(
-    x_ptr, sum_ptr, square_ptr, P, C, CPG, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
+    x_ptr, partial_ptr, N, P, C, CPG, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
 ):  # fmt: skip
     """Per channel and block of pixels, the sums of d and d^2, d = x - (the first element of the channel's group):
-    [N, blocks, C]."""
+    partials [2, N, blocks, C]."""
     n, block = tl.program_id(0), tl.program_id(1)
     channels = tl.arange(0, BLOCK_C)
     channel_ok = channels < C
     first = block * BLOCK_P * TILES
-    base = x_ptr + n.to(tl.int64) * P * C
+    base = n.to(tl.int64) * P * C
     # the shift makes sums of squares keep the variance when a group's mean is large against its spread (plain
     # E[x^2] - E[x]^2 cancels); all blocks and channels of a group share it, so their sums simply add up
-    shift = tl.load(base + (channels // CPG) * CPG, mask=channel_ok, other=0.0).to(tl.float32)
+    shift = tl.load(x_ptr + base + (channels // CPG) * CPG, mask=channel_ok, other=0.0).to(tl.float32)
     sums = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     squares = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-    for tile in range(TILES):
-        pixels = first + tile * BLOCK_P + tl.arange(0, BLOCK_P)
-        ok = (pixels < P)[:, None] & channel_ok[None, :]
-        x = tl.load(base + pixels[:, None] * C + channels[None, :], mask=ok, other=0.0).to(tl.float32)
+    # each tile's load is issued before the last tile is summed, so two tiles' reads are in flight per program
+    x, ok = _load_tile(x_ptr, base, 0, first, P, C, channels, channel_ok, BLOCK_P)
+    for tile in range(1, TILES + 1):
+        x_next, ok_next = _load_tile(x_ptr, base, tile, first, P, C, channels, channel_ok & (tile < TILES), BLOCK_P)
         d = tl.where(ok, x - shift[None, :], 0.0)
         sums += d
         squares += d * d
+        x, ok = x_next, ok_next
     out = (n * tl.num_programs(1) + block) * C + channels
-    tl.store(sum_ptr + out, tl.sum(sums, axis=0), mask=channel_ok)
-    tl.store(square_ptr + out, tl.sum(squares, axis=0), mask=channel_ok)
+    tl.store(partial_ptr + out, tl.sum(sums, axis=0), mask=channel_ok)
+    tl.store(partial_ptr + N * tl.num_programs(1) * C + out, tl.sum(squares, axis=0), mask=channel_ok)
 
 
 @triton.jit
-def _scale_shift_silu_kernel(x_ptr, scale_ptr, shift_ptr, y_ptr, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _fold_partials(partial_ptr, n, group, N, B, C, CPG, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Two [2, N, B, C] partial sums of one (sample, group), summed over the B blocks: two [BLOCK_G] per-channel
+    vectors of the group's channels (0 past CPG)."""
+    members = tl.arange(0, BLOCK_G)
+    columns = group * CPG + members
+    first = tl.zeros([BLOCK_B, BLOCK_G], tl.float32)
+    second = tl.zeros([BLOCK_B, BLOCK_G], tl.float32)
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        ok = (rows < B)[:, None] & (members < CPG)[None, :]
+        offsets = (n * B + rows)[:, None] * C + columns[None, :]
+        first += tl.load(partial_ptr + offsets, mask=ok, other=0.0)
+        second += tl.load(partial_ptr + N * B * C + offsets, mask=ok, other=0.0)
+    return tl.sum(first, axis=0), tl.sum(second, axis=0)
+
+
+@triton.jit
+def _group_statistics_kernel(
+    x_ptr, partial_ptr, mean_ptr, rstd_ptr, N, B, P, C, CPG, eps,
+    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    """Each (sample, group)'s mean and 1 / sqrt(variance + eps) from the moments kernel's partial sums: [N, G]."""
+    n, group = tl.program_id(0), tl.program_id(1)
+    sums, squares = _fold_partials(partial_ptr, n, group, N, B, C, CPG, BLOCK_B, BLOCK_G)
+    elements = P * CPG
+    shifted_mean = tl.sum(sums, axis=0) / elements
+    variance = tl.maximum(tl.sum(squares, axis=0) / elements - shifted_mean * shifted_mean, 0.0)
+    shift = tl.load(x_ptr + n.to(tl.int64) * P * C + group * CPG).to(tl.float32)  # as the moments kernel took it
+    statistic = n * tl.num_programs(1) + group
+    tl.store(mean_ptr + statistic, shift + shifted_mean)
+    tl.store(rstd_ptr + statistic, 1.0 / tl.sqrt(variance + eps))
+
+
+@triton.jit
+def _scale_shift(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, channels, channel_ok, G, CPG):
+    """Per channel of sample n: z = x * scale + shift = gamma * x_hat + beta, and the group's mean and rstd."""
+    statistic = n * G + channels // CPG
+    mean = tl.load(mean_ptr + statistic, mask=channel_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + statistic, mask=channel_ok, other=0.0)
+    scale = rstd * tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
+    shift = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) - mean * scale
+    return scale, shift, mean, rstd
+
+
+@triton.jit
+def _scale_shift_silu_kernel(
+    x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, y_ptr, P, C, G, CPG,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
     """y = silu(x * scale + shift), scale and shift per (sample, channel)."""
     n, block = tl.program_id(0), tl.program_id(1)
     channels = tl.arange(0, BLOCK_C)
     pixels = block * BLOCK_P + tl.arange(0, BLOCK_P)
     ok = (pixels < P)[:, None] & (channels < C)[None, :]
     offsets = n.to(tl.int64) * P * C + pixels[:, None] * C + channels[None, :]
-    scale = tl.load(scale_ptr + n * C + channels, mask=channels < C, other=0.0)
-    shift = tl.load(shift_ptr + n * C + channels, mask=channels < C, other=0.0)
+    scale, shift, _, _ = _scale_shift(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, channels, channels < C, G, CPG)
     z = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
     tl.store(y_ptr + offsets, (z * tl.sigmoid(z)).to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -86,56 +143,82 @@ def _silu_grad(x, dy, scale, shift):
 
 @triton.jit
 def _channel_sums_kernel(
-    x_ptr, dy_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, dz_sum_ptr, dz_xhat_sum_ptr, P, C,
+    x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, partial_ptr, N, P, C, G, CPG,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
 ):  # fmt: skip
-    """Per channel and block of pixels, the sums of dz and dz * x_hat (z = gamma * x_hat + beta): [N, blocks, C]."""
+    """Per channel and block of pixels, the sums of dz and dz * x_hat (z = gamma * x_hat + beta): partials
+    [2, N, blocks, C]."""
     n, block = tl.program_id(0), tl.program_id(1)
     channels = tl.arange(0, BLOCK_C)
     channel_ok = channels < C
-    per_channel = n * C + channels
-    scale = tl.load(scale_ptr + per_channel, mask=channel_ok, other=0.0)
-    shift = tl.load(shift_ptr + per_channel, mask=channel_ok, other=0.0)
-    mean = tl.load(mean_ptr + per_channel, mask=channel_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + per_channel, mask=channel_ok, other=0.0)
+    scale, shift, mean, rstd = _scale_shift(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, channels, channel_ok, G, CPG)
     first = block * BLOCK_P * TILES
     base = n.to(tl.int64) * P * C
     dz_sum = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     dz_xhat_sum = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-    for tile in range(TILES):
-        pixels = first + tile * BLOCK_P + tl.arange(0, BLOCK_P)
-        ok = (pixels < P)[:, None] & channel_ok[None, :]
-        offsets = base + pixels[:, None] * C + channels[None, :]
-        x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        dz = _silu_grad(x, tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32), scale, shift)
-        dz = tl.where(ok, dz, 0.0)
+    x, ok = _load_tile(x_ptr, base, 0, first, P, C, channels, channel_ok, BLOCK_P)  # prefetched, as for the moments
+    dy, _ = _load_tile(dy_ptr, base, 0, first, P, C, channels, channel_ok, BLOCK_P)
+    for tile in range(1, TILES + 1):
+        more = channel_ok & (tile < TILES)
+        x_next, ok_next = _load_tile(x_ptr, base, tile, first, P, C, channels, more, BLOCK_P)
+        dy_next, _ = _load_tile(dy_ptr, base, tile, first, P, C, channels, more, BLOCK_P)
+        dz = tl.where(ok, _silu_grad(x, dy, scale, shift), 0.0)
         dz_sum += dz
         dz_xhat_sum += dz * (x - mean[None, :]) * rstd[None, :]
+        x, dy, ok = x_next, dy_next, ok_next
     out = (n * tl.num_programs(1) + block) * C + channels
-    tl.store(dz_sum_ptr + out, tl.sum(dz_sum, axis=0), mask=channel_ok)
-    tl.store(dz_xhat_sum_ptr + out, tl.sum(dz_xhat_sum, axis=0), mask=channel_ok)
+    tl.store(partial_ptr + out, tl.sum(dz_sum, axis=0), mask=channel_ok)
+    tl.store(partial_ptr + N * tl.num_programs(1) * C + out, tl.sum(dz_xhat_sum, axis=0), mask=channel_ok)
+
+
+@triton.jit
+def _input_grad_coefficients_kernel(
+    partial_ptr, weight_ptr, mean_ptr, rstd_ptr, channel_sums_ptr, x_coef_ptr, constant_ptr, N, B, P, C, CPG,
+    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    """For one (sample, group), from the channel-sums kernel's partials: the per-channel sums of dz and dz * x_hat
+    (channel_sums [2, N, C], for the weight and bias gradients) and the input gradient's coefficients [N, G]:
+    dx = rstd * gamma * dz + x_coef * x + constant."""
+    n, group = tl.program_id(0), tl.program_id(1)
+    dz_sum, dz_xhat_sum = _fold_partials(partial_ptr, n, group, N, B, C, CPG, BLOCK_B, BLOCK_G)
+    members = tl.arange(0, BLOCK_G)
+    channels = group * CPG + members
+    ok = members < CPG
+    tl.store(channel_sums_ptr + n * C + channels, dz_sum, mask=ok)
+    tl.store(channel_sums_ptr + N * C + n * C + channels, dz_xhat_sum, mask=ok)
+    # group norm's input gradient, with g = gamma * dz the gradient of x_hat and M = pixels * channels per group:
+    #   dx = rstd * (g - mean_group(g) - x_hat * mean_group(g * x_hat)),  x_hat = (x - mean) * rstd
+    gamma = tl.load(weight_ptr + channels, mask=ok, other=0.0).to(tl.float32)
+    elements = P * CPG
+    mean_g = tl.sum(gamma * dz_sum, axis=0) / elements
+    mean_g_xhat = tl.sum(gamma * dz_xhat_sum, axis=0) / elements
+    statistic = n * tl.num_programs(1) + group
+    mean, rstd = tl.load(mean_ptr + statistic), tl.load(rstd_ptr + statistic)
+    x_coef = -rstd * rstd * mean_g_xhat
+    tl.store(x_coef_ptr + statistic, x_coef)
+    tl.store(constant_ptr + statistic, -rstd * mean_g - x_coef * mean)
 
 
 @triton.jit
 def _input_grad_kernel(
-    x_ptr, dy_ptr, scale_ptr, shift_ptr, x_coef_ptr, bias_ptr, dx_ptr, P, C,
+    x_ptr, dy_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, x_coef_ptr, constant_ptr, dx_ptr, P, C, G, CPG,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """dx = scale * dz + x_coef * x + bias, the coefficients per (sample, channel); scale = rstd * gamma."""
+    """dx = scale * dz + x_coef * x + constant, scale = rstd * gamma per (sample, channel), the others per (sample,
+    group)."""
     n, block = tl.program_id(0), tl.program_id(1)
     channels = tl.arange(0, BLOCK_C)
     channel_ok = channels < C
-    per_channel = n * C + channels
     pixels = block * BLOCK_P + tl.arange(0, BLOCK_P)
     ok = (pixels < P)[:, None] & channel_ok[None, :]
     offsets = n.to(tl.int64) * P * C + pixels[:, None] * C + channels[None, :]
-    scale = tl.load(scale_ptr + per_channel, mask=channel_ok, other=0.0)
-    shift = tl.load(shift_ptr + per_channel, mask=channel_ok, other=0.0)
+    scale, shift, _, _ = _scale_shift(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, channels, channel_ok, G, CPG)
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     dz = _silu_grad(x, tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32), scale, shift)
-    x_coef = tl.load(x_coef_ptr + per_channel, mask=channel_ok, other=0.0)
-    bias = tl.load(bias_ptr + per_channel, mask=channel_ok, other=0.0)
-    dx = scale[None, :] * dz + x_coef[None, :] * x + bias[None, :]
+    statistic = n * G + channels // CPG
+    x_coef = tl.load(x_coef_ptr + statistic, mask=channel_ok, other=0.0)
+    constant = tl.load(constant_ptr + statistic, mask=channel_ok, other=0.0)
+    dx = scale[None, :] * dz + x_coef[None, :] * x + constant[None, :]
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
@@ -145,11 +228,13 @@ def _pointwise_tiling(pixels: int, channels: int) -> tuple[int, int]:
     return max(1, POINTWISE_TILE // block_c), block_c
 
 
-def _reduction_tiling(pixels: int, channels: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, tiles per program) of a reduction kernel over a [pixels, channels] activation."""
+def _reduction_tiling(pixels: int, channels: int) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, tiles per program, programs per sample) of a reduction kernel over a [pixels, channels]
+    activation."""
     block_c = triton.next_power_of_2(channels)
     block_p = max(1, REDUCTION_TILE // block_c)
-    return block_p, block_c, min(TILES_PER_REDUCTION, triton.cdiv(pixels, block_p))
+    tiles = min(TILES_PER_REDUCTION, triton.cdiv(pixels, block_p))
+    return block_p, block_c, tiles, triton.cdiv(pixels, block_p * tiles)
 
 
 def _check_input(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -175,41 +260,30 @@ def _group_moments(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.
     """Each (sample, group)'s mean and 1 / sqrt(variance + eps), fp32 [N, G] (biased variance, as group norm)."""
     n, c, h, w = x.shape
     pixels, per_group = h * w, c // num_groups
-    block_p, block_c, tiles = _reduction_tiling(pixels, c)
-    blocks = triton.cdiv(pixels, block_p * tiles)
-    block_sums = x.new_empty(n, blocks, c, dtype=torch.float32)
-    block_squares = torch.empty_like(block_sums)
-    _channel_moments_kernel[(n, blocks)](x, block_sums, block_squares, pixels, c, per_group, BLOCK_P=block_p,
-                                         BLOCK_C=block_c, TILES=tiles, num_warps=REDUCTION_WARPS)  # fmt: skip
-    elements = pixels * per_group
-    shifted_mean = block_sums.view(n, blocks, num_groups, per_group).sum((1, 3)) / elements  # [N, G], of d
-    shifted_square = block_squares.view(n, blocks, num_groups, per_group).sum((1, 3)) / elements
-    variance = (shifted_square - shifted_mean**2).clamp(min=0)
-    shift = x[:, ::per_group, 0, 0].float()  # each group's first element, as the kernel took it
-    return shift + shifted_mean, torch.rsqrt(variance + eps)
+    block_p, block_c, tiles, blocks = _reduction_tiling(pixels, c)
+    partials = x.new_empty(2, n, blocks, c, dtype=torch.float32)  # sums of d and of d^2
+    _channel_moments_kernel[(n, blocks)](x, partials, n, pixels, c, per_group, BLOCK_P=block_p, BLOCK_C=block_c,
+                                         TILES=tiles, num_warps=REDUCTION_WARPS)  # fmt: skip
+    mean = x.new_empty(n, num_groups, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _group_statistics_kernel[(n, num_groups)](x, partials, mean, rstd, n, blocks, pixels, c, per_group, eps,
+                                              BLOCK_B=PARTIALS_PER_STEP,
+                                              BLOCK_G=triton.next_power_of_2(per_group))  # fmt: skip
+    return mean, rstd
 
 
-def _per_channel(values: torch.Tensor, channels: int) -> torch.Tensor:
-    """[N, G] -> [N, C], each group's value repeated over its channels."""
-    return values.repeat_interleave(channels // values.shape[1], dim=1)
-
-
-def _scale_shift(mean_c: torch.Tensor, rstd_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-    """Per (sample, channel) [N, C]: z = x * scale + shift = gamma * x_hat + beta."""
-    scale = rstd_c * weight.float()
-    return scale, bias.float() - mean_c * scale
-
-
+# Each op is a few kernel launches and no other tensor work: the UNet calls it 65 times per forward, so host work
+# per call (PyTorch's small [N, C] ops cost ~0.3 ms per op on the H100, benchmarks/gpu_group_norm_silu.py) adds up.
 @torch.library.custom_op("rlft::group_norm_silu", mutates_args=())
 def _forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
     mean, rstd = _group_moments(x, num_groups, eps)
-    scale, shift = _scale_shift(_per_channel(mean, c), _per_channel(rstd, c), weight, bias)
     y = torch.empty_like(x)  # channels_last, as x
     block_p, block_c = _pointwise_tiling(h * w, c)
-    _scale_shift_silu_kernel[(n, triton.cdiv(h * w, block_p))](x, scale, shift, y, h * w, c, BLOCK_P=block_p,
+    _scale_shift_silu_kernel[(n, triton.cdiv(h * w, block_p))](x, mean, rstd, weight, bias, y, h * w, c, num_groups,
+                                                               c // num_groups, BLOCK_P=block_p,
                                                                BLOCK_C=block_c)  # fmt: skip
     return y, mean, rstd
 
@@ -227,32 +301,26 @@ def _backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     n, c, h, w = x.shape
     pixels, num_groups = h * w, mean.shape[1]
+    per_group = c // num_groups
     grad_y = grad_y.contiguous(memory_format=torch.channels_last)
-    gamma = weight.float()
-    mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)  # [N, C]
-    scale, shift = _scale_shift(mean_c, rstd_c, weight, bias)
-    block_p, block_c, tiles = _reduction_tiling(pixels, c)
-    blocks = triton.cdiv(pixels, block_p * tiles)
-    dz_sums = x.new_empty(n, blocks, c, dtype=torch.float32)
-    dz_xhat_sums = torch.empty_like(dz_sums)
-    _channel_sums_kernel[(n, blocks)](x, grad_y, scale, shift, mean_c, rstd_c, dz_sums, dz_xhat_sums, pixels, c,
-                                      BLOCK_P=block_p, BLOCK_C=block_c, TILES=tiles,
+    block_p, block_c, tiles, blocks = _reduction_tiling(pixels, c)
+    partials = x.new_empty(2, n, blocks, c, dtype=torch.float32)  # sums of dz and of dz * x_hat
+    _channel_sums_kernel[(n, blocks)](x, grad_y, mean, rstd, weight, bias, partials, n, pixels, c, num_groups,
+                                      per_group, BLOCK_P=block_p, BLOCK_C=block_c, TILES=tiles,
                                       num_warps=REDUCTION_WARPS)  # fmt: skip
-    dz_sum, dz_xhat_sum = dz_sums.sum(1), dz_xhat_sums.sum(1)  # [N, C]
-    # group norm's input gradient, with g = gamma * dz the gradient of x_hat and M = pixels * channels per group:
-    #   dx = rstd * (g - mean_group(g) - x_hat * mean_group(g * x_hat)),  x_hat = (x - mean) * rstd
-    group_elements = pixels * (c // num_groups)
-    mean_g = _per_channel((gamma * dz_sum).view(n, num_groups, -1).sum(-1), c) / group_elements
-    mean_g_xhat = _per_channel((gamma * dz_xhat_sum).view(n, num_groups, -1).sum(-1), c) / group_elements
-    x_coef = -rstd_c * rstd_c * mean_g_xhat
-    constant = -rstd_c * mean_g - x_coef * mean_c
+    channel_sums = x.new_empty(2, n, c, dtype=torch.float32)
+    coefficients = x.new_empty(2, n, num_groups, dtype=torch.float32)  # x_coef, constant
+    _input_grad_coefficients_kernel[(n, num_groups)](partials, weight, mean, rstd, channel_sums, coefficients[0],
+                                                     coefficients[1], n, blocks, pixels, c, per_group,
+                                                     BLOCK_B=PARTIALS_PER_STEP,
+                                                     BLOCK_G=triton.next_power_of_2(per_group))  # fmt: skip
     grad_x = torch.empty_like(x)
     block_p, block_c = _pointwise_tiling(pixels, c)
     _input_grad_kernel[(n, triton.cdiv(pixels, block_p))](
-        x, grad_y, scale, shift, x_coef, constant, grad_x, pixels, c,
+        x, grad_y, mean, rstd, weight, bias, coefficients[0], coefficients[1], grad_x, pixels, c, num_groups, per_group,
         BLOCK_P=block_p, BLOCK_C=block_c,
     )  # fmt: skip
-    return grad_x, dz_xhat_sum.sum(0).to(weight.dtype), dz_sum.sum(0).to(bias.dtype)
+    return grad_x, channel_sums[1].sum(0).to(weight.dtype), channel_sums[0].sum(0).to(bias.dtype)
 
 
 @_backward.register_fake
