@@ -1,7 +1,7 @@
 """One DDPO epoch on the google/ddpm-celebahq-256 architecture (random weights): a plain research loop against
 rlft's fast path, side by side in one run.
 
-    python benchmarks/gpu_ddpo_epoch.py           # on a GPU: the full comparison (~6 min on an H200, compiles included)
+    python benchmarks/gpu_ddpo_epoch.py           # on a GPU: the full comparison (~5 min on an H100, compiles included)
     python benchmarks/gpu_ddpo_epoch.py --tiny    # CPU smoke test of the same code on a tiny UNet (CI runs this)
 
 An epoch = sample N trajectories of 50 DDIM steps (eta 1, with log-probabilities), then one DDPO pass training on
@@ -13,9 +13,10 @@ arms run rlft's own `DiffusionPolicy.step` and `algorithms.ddpo.train_step`; the
            sampling batches of 96, and 7 timesteps of each trajectory stacked into one training call
            (algo.timesteps_per_forward: the same gradient as one call per timestep) on minibatches of 4,
            so every network call in training sees 28 samples
-    rlft+fused (GPU only): rlft with policy.fused_norm_silu
+    rlft+fused (GPU only): rlft with policy.fused_norm_silu (group norm + SiLU through rlft/group_norm_silu.py)
 
-`--arms` picks the arms and their order (default: plain rlft); each runs after the last, so they never share the card.
+`--arms` picks the arms and their order (default: plain and rlft+fused on a GPU, plain and rlft on CPU); each runs
+after the last, so they never share the card.
 
 Reported per arm: samples/s for the whole epoch, sampling and training throughput, peak GPU memory, and the
 fraction of the card's bf16 matmul peak (measured in the same run) that the FLOPs counted by torch's
@@ -144,6 +145,8 @@ def sample(policy: DiffusionPolicy, n: int, generator: torch.Generator, device: 
 
 
 KERNEL_KINDS = (  # GPU kernel name fragments -> kind, first match wins
+    ("group norm + SiLU (rlft)", ("_channel_moments", "_group_statistics", "_scale_shift_silu", "_channel_sums",
+                                  "_input_grad")),  # fmt: skip
     ("attention", ("flash", "fmha", "attention", "softmax")),
     ("convolution", ("conv", "cudnn", "xmma", "implicit", "dgrad", "wgrad", "fprop", "nchw", "nhwc")),
     ("matmul", ("gemm", "cutlass", "cublas", "sm90", "sm80")),
@@ -180,12 +183,13 @@ def kernel_breakdown(name: str, work, device: torch.device) -> dict:
     print(f"  {name}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()), flush=True)
     for kernel, share, count in top:
         print(f"      {100 * share:5.1f}%  x{count:<5} {kernel}", flush=True)
-    return {"shares": shares, "top_kernels": top}
+    return {"wall_ms": wall_us / 1e3, "shares": shares, "top_kernels": top}  # wall: with the profiler's overhead
 
 
 def run_arm(name: str, policy: DiffusionPolicy, samples: int, sample_batch: int, train_batch: int,
             device: torch.device, flops_per_forward: float, peak: float | None,
-            timesteps_per_forward: int = 1) -> dict:  # fmt: skip
+            timesteps_per_forward: int = 1) -> tuple[dict, dict]:  # fmt: skip
+    """The arm's epoch timings, and its sampling and training calls (to profile after the timings are saved)."""
     cfg = ddpo.DDPOConfig(minibatch_size=train_batch, timesteps_per_forward=timesteps_per_forward)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, fused=device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(0)
@@ -229,12 +233,9 @@ def run_arm(name: str, policy: DiffusionPolicy, samples: int, sample_batch: int,
     }  # fmt: skip
     rate = result["samples_per_s"]
     print(f"  {name}: {rate:.3f} samples/s (sampling {sampling_s:.1f} s, training {training_s:.1f} s)", flush=True)
-    if device.type == "cuda":
-        result["sampling_call_time"] = kernel_breakdown(
-            f"{name} sampling call", lambda: sample(policy, sample_batch, generator, device), device)
-        result["training_call_time"] = kernel_breakdown(
-            f"{name} training call", lambda: ddpo.train_step(ctx, epoch[:train_batch], one_call), device)
-    return result
+    calls = {"sampling_call_time": lambda: sample(policy, sample_batch, generator, device),
+             "training_call_time": lambda: ddpo.train_step(ctx, epoch[:train_batch], one_call)}  # fmt: skip
+    return result, calls
 
 
 ARMS = ("plain", "rlft", "rlft+fused")
@@ -252,11 +253,13 @@ def main() -> None:
                         help="rlft's timesteps per training call (a divisor of the trained steps: one shape)")
     parser.add_argument("--inductor-options", type=json.loads, default=None,
                         help="""extra inductor options for rlft's compile, as JSON, e.g. '{"max_autotune": true}'""")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=["plain", "rlft"],
-                        help="arms to run, in this order (rlft+fused: group norm + SiLU in rlft/group_norm_silu.py)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS,
+                        help="arms to run, in this order (default: plain rlft+fused on a GPU, plain rlft on CPU)")
     parser.add_argument("--out", default="benchmarks/results/gpu_ddpo_epoch.json", help="where the JSON goes")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if args.arms is None:
+        args.arms = ["plain", "rlft+fused" if device.type == "cuda" else "rlft"]
     if "rlft+fused" in args.arms and device.type != "cuda":
         parser.error("the rlft+fused arm runs Triton GPU kernels in the compiled network: it needs a GPU")
     unet_config, steps = (TINY_UNET, 5) if args.tiny else (CELEBAHQ_UNET, args.steps)
@@ -282,16 +285,23 @@ def main() -> None:
         torch.backends.cudnn.benchmark = name != "plain" and device.type == "cuda"
         if name == "plain":
             policy, report = make_policy(unet_config, steps, device, fast=False)
-            results[name] = run_arm(name, policy, plain_samples, *plain_batches, device, flops_per_forward, peak)
+            results[name], calls = run_arm(name, policy, plain_samples, *plain_batches, device, flops_per_forward,
+                                           peak)  # fmt: skip
         else:
             probe_batch = rlft_batches[1] * rlft_stack  # the training call's batch
             policy, report = make_policy(unet_config, steps, device, fast=True, probe_batch=probe_batch,
                                          inductor_options=args.inductor_options, fused_norm_silu=name == "rlft+fused")
-            results[name] = run_arm(name, policy, rlft_samples, *rlft_batches, device, flops_per_forward, peak,
-                                    rlft_stack)  # fmt: skip
+            results[name], calls = run_arm(name, policy, rlft_samples, *rlft_batches, device, flops_per_forward,
+                                           peak, rlft_stack)  # fmt: skip
         results[name]["warmup_and_epoch_s"] = time.perf_counter() - start
         results[name].update(report)
-        out.write_text(json.dumps({**header, "results": results}, indent=2))  # kept if a later arm fails
+        out.write_text(json.dumps({**header, "results": results}, indent=2))  # kept if a profile or later arm fails
+        if device.type == "cuda":
+            for key, work in calls.items():
+                results[name][key] = kernel_breakdown(f"{name} {key.removesuffix('_time').replace('_', ' ')}", work,
+                                                      device)  # fmt: skip
+            out.write_text(json.dumps({**header, "results": results}, indent=2))
+        del calls
         del policy
         if device.type == "cuda":
             torch.cuda.empty_cache()

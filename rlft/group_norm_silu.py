@@ -8,11 +8,14 @@ channels are contiguous, so these kernels read whole pixel rows (every channel) 
 registers, and fold channels into groups only at the end (a traversal group by group would use 8 bytes of every
 256-byte pixel row: 4 of 128 channels in bf16).
 
-Passes over the activation (N x C x H x W, P = H*W pixels), each a kernel over (sample, block of pixels):
-    forward:  group statistics (read x)        -> scale/shift + SiLU (read x, write y)
-    backward: per-channel sums (read x, dy)    -> input gradient (read x, dy, write dx)
+Passes over the activation (N x C x H x W, P = H*W pixels), each a kernel over (sample, block of pixels), with a
+small kernel over (sample, group) between them that folds the per-channel partial sums:
+    forward:  per-channel sums (read x)        -> group statistics -> scale/shift + SiLU (read x, write y)
+    backward: per-channel sums (read x, dy)    -> gradient coefficients -> input gradient (read x, dy, write dx)
 The statistics run in fp32 whatever the activation's dtype (bf16 under autocast), as eager group norm's do.
-`benchmarks/gpu_group_norm_silu.py` times these kernels and inductor's against that floor on the UNet's shapes.
+On an H100 the scale/shift + SiLU pass runs at the card's copy bandwidth and the statistics pass at about half of it;
+the DDPO epoch (benchmarks/gpu_ddpo_epoch.py) went from 2.70x to 3.34x the plain loop with these kernels.
+`benchmarks/gpu_group_norm_silu.py` times them and inductor's against the memory floor on the UNet's shapes.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import triton.language as tl
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-# Tiles are [pixels, channels] blocks of whole pixel rows. Sizes keep 16 elements per thread: compiled for sm_90,
-# each kernel then needs at most 115 registers and spills none (ptxas -v, 128 to 1024 channels), so several programs
-# share an SM to hide memory latency. (Twice these tiles needed up to 217 registers.)
+# Tiles are [pixels, channels] blocks of whole pixel rows. Sizes keep 16 elements per thread: compiled for sm_90a,
+# each kernel then needs at most 128 registers (the input-gradient sums, which hold two tiles of x and dy to prefetch)
+# and spills none (ptxas -v, 128 to 1024 channels), so several programs share an SM to hide memory latency. (Twice
+# these tiles needed up to 217 registers.)
 POINTWISE_TILE = 2048  # elements a pointwise program (4 warps) holds
 REDUCTION_TILE = 4096  # elements per tile of a reduction program (8 warps), which keeps 2 fp32 accumulators of it
 REDUCTION_WARPS = 8
@@ -272,8 +276,9 @@ def _group_moments(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.
     return mean, rstd
 
 
-# Each op is a few kernel launches and no other tensor work: the UNet calls it 65 times per forward, so host work
-# per call (PyTorch's small [N, C] ops cost ~0.3 ms per op on the H100, benchmarks/gpu_group_norm_silu.py) adds up.
+# Each op is three kernel launches and no other tensor work: the UNet calls it 65 times per forward. A first version
+# ran ~15 small PyTorch ops on [N, C] tensors between its kernels; on the H100 a 28x256x64x64 forward + backward then
+# took 1.23 ms against 0.10 ms of memory traffic, and the compiled training call was 37% GPU idle (profiled).
 @torch.library.custom_op("rlft::group_norm_silu", mutates_args=())
 def _forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float
