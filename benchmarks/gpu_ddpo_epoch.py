@@ -301,8 +301,7 @@ def main() -> None:
                 results[name][key] = kernel_breakdown(f"{name} {key.removesuffix('_time').replace('_', ' ')}", work,
                                                       device)  # fmt: skip
             out.write_text(json.dumps({**header, "results": results}, indent=2))
-        del calls
-        del policy
+        del calls, policy
         if device.type == "cuda":
             torch.cuda.empty_cache()
     ratios = {f"{a} / {b}": results[a]["samples_per_s"] / results[b]["samples_per_s"]
