@@ -276,7 +276,8 @@ def _group_moments(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.
     return mean, rstd
 
 
-# Each op is three kernel launches and no other tensor work: the UNet calls it 65 times per forward. A first version
+# Each op is three kernel launches (and the backward two sums for the parameter gradients): the UNet calls it 65
+# times per forward, so host work per call adds up. A first version
 # ran ~15 small PyTorch ops on [N, C] tensors between its kernels; on the H100 a 28x256x64x64 forward + backward then
 # took 1.23 ms against 0.10 ms of memory traffic, and the compiled training call was 37% GPU idle (profiled).
 @torch.library.custom_op("rlft::group_norm_silu", mutates_args=())
