@@ -122,17 +122,24 @@ def _scale_shift(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, channels, channel_
 
 
 @triton.jit
+def _pointwise_tile(n, block, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A pointwise program's channels, their mask, and its [BLOCK_P, BLOCK_C] tile's mask and NHWC offsets."""
+    channels = tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
+    pixels = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = (pixels < P)[:, None] & channel_ok[None, :]
+    return channels, channel_ok, ok, n.to(tl.int64) * P * C + pixels[:, None] * C + channels[None, :]
+
+
+@triton.jit
 def _scale_shift_silu_kernel(
     x_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, y_ptr, P, C, G, CPG,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """y = silu(x * scale + shift), scale and shift per (sample, channel)."""
-    n, block = tl.program_id(0), tl.program_id(1)
-    channels = tl.arange(0, BLOCK_C)
-    pixels = block * BLOCK_P + tl.arange(0, BLOCK_P)
-    ok = (pixels < P)[:, None] & (channels < C)[None, :]
-    offsets = n.to(tl.int64) * P * C + pixels[:, None] * C + channels[None, :]
-    scale, shift, _, _ = _scale_shift(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, channels, channels < C, G, CPG)
+    n = tl.program_id(0)
+    channels, channel_ok, ok, offsets = _pointwise_tile(n, tl.program_id(1), P, C, BLOCK_P, BLOCK_C)
+    scale, shift, _, _ = _scale_shift(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, channels, channel_ok, G, CPG)
     z = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
     tl.store(y_ptr + offsets, (z * tl.sigmoid(z)).to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -210,12 +217,8 @@ def _input_grad_kernel(
 ):  # fmt: skip
     """dx = scale * dz + x_coef * x + constant, scale = rstd * gamma per (sample, channel), the others per (sample,
     group)."""
-    n, block = tl.program_id(0), tl.program_id(1)
-    channels = tl.arange(0, BLOCK_C)
-    channel_ok = channels < C
-    pixels = block * BLOCK_P + tl.arange(0, BLOCK_P)
-    ok = (pixels < P)[:, None] & channel_ok[None, :]
-    offsets = n.to(tl.int64) * P * C + pixels[:, None] * C + channels[None, :]
+    n = tl.program_id(0)
+    channels, channel_ok, ok, offsets = _pointwise_tile(n, tl.program_id(1), P, C, BLOCK_P, BLOCK_C)
     scale, shift, _, _ = _scale_shift(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, channels, channel_ok, G, CPG)
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     dz = _silu_grad(x, tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32), scale, shift)
