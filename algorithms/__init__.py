@@ -76,7 +76,7 @@ def mean_over_steps(step_metrics: list[dict[str, float]]) -> dict[str, float]:
 
 
 def load_algorithm(name: str) -> ModuleType:
-    return importlib.import_module(f"algorithms.{name}")
+    return importlib.import_module(f"rlft.algorithms.{name}")
 
 
 def uses_rollouts(module: ModuleType, cfg) -> bool:

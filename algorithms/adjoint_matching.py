@@ -42,9 +42,9 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from rlft.algorithms import LearnerContext, mean_over_steps
 from tensordict import TensorDict
 
-from algorithms import LearnerContext, mean_over_steps
 from rlft.policy import DiffusionPolicy, StepOutput, ddim_step
 
 REQUIRES_STOCHASTIC_SAMPLER = True  # the control is defined by the noise scale sigma_k > 0 (memoryless: eta = 1)
@@ -166,7 +166,7 @@ def add_lean_adjoints(batch: TensorDict, base: DiffusionPolicy, reward_fn, cfg: 
 
 def postprocess_rollout(worker, batch: TensorDict, cfg: dict) -> TensorDict:
     """Rollout-worker hook (rlft.rollout): lean adjoints and base means from the worker's frozen base model."""
-    from algorithms import make_config
+    from rlft.algorithms import make_config
 
     algo = make_config(sys.modules[__name__], cfg["algo"])
     base = frozen_base(worker)
@@ -304,7 +304,7 @@ def prepare(batch: TensorDict, cfg: AdjointMatchingConfig, state: ClipState) -> 
     missing = {"adjoint", "base_mean", "noise"} - set(batch.keys())
     if missing:
         raise KeyError(f"trajectories lack {sorted(missing)}: the rollout workers must run "
-                       "algorithms.adjoint_matching.postprocess_rollout (rlft.rollout calls it)")  # fmt: skip
+                       "rlft.algorithms.adjoint_matching.postprocess_rollout (rlft.rollout calls it)")  # fmt: skip
     num_steps = batch["latents"].shape[1] - 1
     adjoint_norm = batch["adjoint"][:, -1].flatten(1).norm(dim=1).mean().item()
     # per trajectory: T fine-tuned steps to sample, T base steps (+ their VJPs) for the adjoint

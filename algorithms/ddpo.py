@@ -19,9 +19,8 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import torch
+from rlft.algorithms import LearnerContext, mean_over_steps
 from tensordict import TensorDict
-
-from algorithms import LearnerContext, mean_over_steps
 
 REQUIRES_STOCHASTIC_SAMPLER = True  # the importance ratio needs log-probabilities (eta > 0)
 REQUIRES_DIFFERENTIABLE_REWARD = False

@@ -50,10 +50,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from rlft.algorithms import LearnerContext, mean_over_steps
 from tensordict import TensorDict
 from torch import nn
 
-from algorithms import LearnerContext, mean_over_steps
 from rlft.policy import ddim_step
 
 REQUIRES_STOCHASTIC_SAMPLER = True  # the path density ratio needs transition densities (env.eta > 0)

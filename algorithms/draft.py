@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from rlft.algorithms import LearnerContext, mean_over_steps
+from rlft.envs.rewards import Reward, evaluate_reward
+from rlft.envs.schedule import DDIMSchedule
 from torch import nn
 
-from algorithms import LearnerContext, mean_over_steps
-from envs.rewards import Reward, evaluate_reward
-from envs.schedule import DDIMSchedule
 from rlft.policy import ddim_step
 
 REQUIRES_STOCHASTIC_SAMPLER = False  # the sampler is deterministic DDIM (eta = 0) whatever env.eta is
@@ -144,7 +144,7 @@ class DRaFTState:
 def load_aux_images(spec: str) -> torch.Tensor:
     """[N, C, H, W] images in [-1, 1] for the auxiliary denoising loss."""
     if spec == "builtin:digits":
-        from envs.digits import load_digits
+        from rlft.envs.digits import load_digits
 
         return load_digits("train")[0]
     from safetensors.torch import load_file

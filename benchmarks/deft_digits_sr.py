@@ -33,10 +33,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from rlft.algorithms import deft
+from rlft.envs.inverse import psnr
 from tensordict import TensorDict
 
-from algorithms import deft
-from envs.inverse import psnr
 from rlft.config import compose, to_container, validate
 from rlft.learner import train
 from rlft.rollout import RolloutGroup, RolloutWorker, build_eval_env, local_call

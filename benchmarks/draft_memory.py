@@ -35,8 +35,8 @@ def peak_mb(device) -> float:
 
 def child(k: int, checkpointing: bool, batch: int, steps: int, threads: int, device_name: str) -> dict:
     import torch
+    from rlft.algorithms import draft
 
-    from algorithms import draft
     from rlft.config import compose, to_container
     from rlft.learner import Learner
 

@@ -6,7 +6,7 @@ rlft's fast path, side by side in one run.
 
 An epoch = sample N trajectories of 50 DDIM steps (eta 1, with log-probabilities), then one DDPO pass training on
 every stochastic step of every trajectory (forward + backward per step, one optimizer step per minibatch). Both
-arms run rlft's own `DiffusionPolicy.step` and `algorithms.ddpo.train_step`; they differ only in the fast path:
+arms run rlft's own `DiffusionPolicy.step` and `rlft.algorithms.ddpo.train_step`; they differ only in the fast path:
 
     plain: fp32 eager, sampling and training batches of 16 (as the published research loops run)
     rlft:  bf16 autocast (fp32 log-probabilities), channels_last, torch.compile, cuDNN autotuning,
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from rlft.algorithms import LearnerContext, ddpo
+from rlft.envs.schedule import DDIMSchedule
 from tensordict import TensorDict
 
-from algorithms import LearnerContext, ddpo
-from envs.schedule import DDIMSchedule
 from rlft.policy import DiffusionPolicy
 
 CELEBAHQ_UNET = dict(  # shared/reference/performance.md: 113.7 M parameters, ~497 GFLOP per forward per sample

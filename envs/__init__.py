@@ -1,12 +1,11 @@
 """Denoising MDPs and their rewards. Registers the gymnasium ids rlft/<Task>-v0 on import."""
 
 import gymnasium
-
-from envs import (
+from rlft.envs import (
     inverse,  # noqa: F401  (registers the "measurement" reward)
     reward_models,  # noqa: F401  (registers the aesthetic and over50 rewards)
 )
-from envs.tasks import (
+from rlft.envs.tasks import (
     make_ddpm_vector_env,
     make_digits_env,
     make_digits_inpaint_env,

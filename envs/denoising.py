@@ -18,9 +18,8 @@ import torch
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
-
-from envs.rewards import Reward, evaluate_reward
-from envs.schedule import DDIMSchedule
+from rlft.envs.rewards import Reward, evaluate_reward
+from rlft.envs.schedule import DDIMSchedule
 
 ContextSampler = Callable[[int, torch.Generator], torch.Tensor]  # (n, generator) -> [n, *context_shape]
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # x_0 of the MDP (e.g. SD latents) -> images in [-1, 1]

@@ -18,9 +18,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-
-from envs.denoising import DenoisingEnv
-from envs.rewards import Reward, register_reward
+from rlft.envs.denoising import DenoisingEnv
+from rlft.envs.rewards import Reward, register_reward
 
 SAMPLES_PER_CASE = 6  # evaluation panel rows: measurement, 6 samples, ground truth (8 columns)
 

@@ -15,10 +15,9 @@ import re
 from pathlib import Path
 
 import torch
+from rlft.envs.models import ImagePreprocess, from_pretrained
+from rlft.envs.rewards import Reward, register_reward
 from torch import nn
-
-from envs.models import ImagePreprocess, from_pretrained
-from envs.rewards import Reward, register_reward
 
 
 def _image_features(output) -> torch.Tensor:

@@ -104,7 +104,7 @@ def jpeg_incompressibility(device: str | torch.device = "cpu", quality: int = 95
 @register_reward("digit")
 def digit(device: str | torch.device = "cpu", target: int = 3) -> Reward:
     """log p(target | x_0) under the shipped digit classifier; differentiable in the images."""
-    from envs.digits import NUM_CLASSES, load_classifier
+    from rlft.envs.digits import NUM_CLASSES, load_classifier
 
     if not 0 <= target < NUM_CLASSES:
         raise ValueError(f"reward.target must be a digit class 0..{NUM_CLASSES - 1}, got {target}")
@@ -182,7 +182,7 @@ class DigitFeatures(torch.nn.Module):
 
     def __init__(self, device: str | torch.device = "cpu"):
         super().__init__()
-        from envs.digits import load_classifier
+        from rlft.envs.digits import load_classifier
 
         self.classifier = load_classifier(device=device)
 
@@ -228,7 +228,7 @@ def perceptual_reward(
 def load_target_images(spec: str, num_targets: int) -> torch.Tensor:
     """ "digits:<class>" (held-out digits of that class) or a safetensors file with an "images" tensor in [-1, 1]."""
     if spec.startswith("digits:"):
-        from envs.digits import NUM_CLASSES, load_digits
+        from rlft.envs.digits import NUM_CLASSES, load_digits
 
         label = int(spec.split(":", 1)[1])
         if not 0 <= label < NUM_CLASSES:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
-
-from envs.denoising import ContextSampler, Decoder, DenoisingEnv, SingleDenoisingEnv, no_context
-from envs.digits import BASE_MODEL_DIR, IMAGE_SIZE
-from envs.rewards import Reward, make_reward_from_config
-from envs.schedule import DDIMSchedule
+from rlft.envs.denoising import ContextSampler, Decoder, DenoisingEnv, SingleDenoisingEnv, no_context
+from rlft.envs.digits import BASE_MODEL_DIR, IMAGE_SIZE
+from rlft.envs.rewards import Reward, make_reward_from_config
+from rlft.envs.schedule import DDIMSchedule
 
 
 def make_env(
@@ -69,7 +68,7 @@ def make_ddpm_vector_env(
 ) -> DenoisingEnv:
     """The env of a diffusers DDPM (Hub id or folder), e.g. rlft/CelebAHQ-v0: it reads the model's configs
     (sample shape, noise schedule), never its weights, since the network belongs to the policy."""
-    from envs.models import load_ddpm_configs
+    from rlft.envs.models import load_ddpm_configs
 
     unet_config, scheduler_config = load_ddpm_configs(base_model, "base_model")
     size = unet_config["sample_size"]
@@ -89,11 +88,11 @@ def load_ground_truths(env_cfg: dict, split: str) -> torch.Tensor:
     """Images in [-1, 1], [N, C, H, W], of the "train" split (training measurements) or "heldout" (evaluation)."""
     dataset = env_cfg["dataset"]
     if dataset == "digits":
-        from envs.digits import load_digits
+        from rlft.envs.digits import load_digits
 
         return load_digits(split)[0]
     if dataset == "flowers102":
-        from envs.flowers import load_flowers102
+        from rlft.envs.flowers import load_flowers102
 
         return load_flowers102(split, env_cfg["data_root"], env_cfg["image_size"])
     raise ValueError(f"unknown env.dataset {dataset!r} for an inverse problem; use 'digits' or 'flowers102'")
@@ -110,7 +109,7 @@ def make_inverse_env(
 ):
     """Training envs draw measurements of the train split at random; evaluation envs (`evaluation=True`) take the
     first held-out cases in order, so every evaluation shows the same cases."""
-    from envs.inverse import InverseProblemEnv, MeasurementCases, make_operator
+    from rlft.envs.inverse import InverseProblemEnv, MeasurementCases, make_operator
 
     operator = make_operator(env_cfg["operator"], env_cfg["scale"], env_cfg["hole_fraction"])
     split = "heldout" if evaluation else "train"

@@ -82,7 +82,7 @@ def model_signature(cfg: dict) -> dict[str, Any]:
 
     spec = cfg["env"]["base_model"]
     if spec == "builtin:digits":
-        from envs.digits import BASE_MODEL_DIR
+        from rlft.envs.digits import BASE_MODEL_DIR
 
         spec = str(BASE_MODEL_DIR)
     try:

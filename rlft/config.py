@@ -115,9 +115,9 @@ def _one_of(name: str, value, choices: tuple) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Impossible combinations, caught before Ray starts; each message names the values involved."""
-    from algorithms import load_algorithm, make_config, uses_rollouts
-    from envs.models import check_base_model
-    from envs.rewards import make_reward_from_config
+    from rlft.algorithms import load_algorithm, make_config, uses_rollouts
+    from rlft.envs.models import check_base_model
+    from rlft.envs.rewards import make_reward_from_config
 
     t, r, algo = cfg.trainer, cfg.ray, cfg.algo
     module = load_algorithm(algo.name)
@@ -149,7 +149,7 @@ def validate(cfg: DictConfig) -> None:
         _require(cfg.env.eta > 0, f"algo={algo.name} needs log-probabilities of a stochastic sampler, but env.eta="
                  f"{cfg.env.eta}; use env.eta=1.0 (or any value in (0, 1])")  # fmt: skip
     if cfg.env.get("dataset") == "flowers102":  # user-supplied model, torchvision and data: say what is missing
-        from envs.flowers import check_flowers102
+        from rlft.envs.flowers import check_flowers102
 
         check_flowers102(cfg.env.data_root, cfg.env.base_model)
     check_base_model(to_container(cfg.env))  # a missing base model stops the run here, before Ray starts

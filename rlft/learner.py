@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDict
 
-from algorithms import LearnerContext, load_algorithm, make_config, uses_rollouts
+from rlft.algorithms import LearnerContext, load_algorithm, make_config, uses_rollouts
 from rlft.buffer import TrajectoryBuffer
 from rlft.checkpoint import Checkpointer, due
 from rlft.rollout import RolloutGroup, build_policy, derive_seed, set_torch_threads

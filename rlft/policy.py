@@ -13,7 +13,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from envs.schedule import DDIMSchedule
+from rlft.envs.schedule import DDIMSchedule
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -224,10 +224,10 @@ def load_base_model(spec: str) -> tuple[nn.Module, dict]:
 
     Stable Diffusion bases (env.model_type=stable_diffusion) load by component in `rlft.stable_diffusion`.
     """
-    from envs.models import load_ddpm
+    from rlft.envs.models import load_ddpm
 
     if spec == "builtin:digits":
-        from envs.digits import BASE_MODEL_DIR
+        from rlft.envs.digits import BASE_MODEL_DIR
 
         path = BASE_MODEL_DIR
         if not (path / "config.json").exists():

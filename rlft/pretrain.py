@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from envs import digits
 from rlft.config import compose, resolve_device
+from rlft.envs import digits
 
 
 def train_ddpm(cfg: DictConfig, out_dir: Path, device: torch.device) -> None:

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from envs.rewards import to_uint8
+from rlft.envs.rewards import to_uint8
 
 
 def image_grid(images: torch.Tensor, columns: int = 8) -> PIL.Image.Image:  # noqa: F821

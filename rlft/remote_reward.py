@@ -12,7 +12,7 @@ import uuid
 
 import torch
 
-from envs.rewards import Reward, make_reward_from_config
+from rlft.envs.rewards import Reward, make_reward_from_config
 
 
 class RewardServer:

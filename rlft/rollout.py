@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from algorithms import load_algorithm, make_config
-from envs.models import is_stable_diffusion
-from envs.tasks import is_inverse_problem, make_inverse_env, make_task_env
+from rlft.algorithms import load_algorithm, make_config
+from rlft.envs.models import is_stable_diffusion
+from rlft.envs.tasks import is_inverse_problem, make_inverse_env, make_task_env
 from rlft.lora import configure_policy
 from rlft.policy import DiffusionPolicy, load_base_model
 

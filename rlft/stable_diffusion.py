@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from envs.models import load_stable_diffusion
-from envs.stable_diffusion import LatentDecoder, PromptContext, encode_prompts, read_prompts
-from envs.tasks import make_env
+from rlft.envs.models import load_stable_diffusion
+from rlft.envs.stable_diffusion import LatentDecoder, PromptContext, encode_prompts, read_prompts
+from rlft.envs.tasks import make_env
 
 
 class ClassifierFreeGuidance(nn.Module):

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from rlft.algorithms import LearnerContext
+from rlft.algorithms import adjoint_matching as am
+from rlft.envs.schedule import DDIMSchedule
 from tensordict import TensorDict
 from torch import nn
 
-from algorithms import LearnerContext
-from algorithms import adjoint_matching as am
-from envs.schedule import DDIMSchedule
 from rlft.buffer import TrajectoryBuffer
 from rlft.config import ConfigError, compose, validate
 from rlft.learner import Learner

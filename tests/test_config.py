@@ -1,9 +1,9 @@
 """Config errors are caught before Ray starts and name the key, the values and the fix."""
 
 import pytest
+import rlft.algorithms.ddpo
 from omegaconf import OmegaConf
 
-import algorithms.ddpo
 from rlft.config import CONFIG_DIR, ConfigError, compose, validate
 
 
@@ -52,7 +52,7 @@ def test_fused_norm_silu_needs_the_compiled_nhwc_network_on_a_gpu(monkeypatch):
 
 
 def test_an_algorithm_that_backpropagates_through_the_reward_refuses_jpeg(monkeypatch):
-    monkeypatch.setattr(algorithms.ddpo, "REQUIRES_DIFFERENTIABLE_REWARD", True)
+    monkeypatch.setattr(rlft.algorithms.ddpo, "REQUIRES_DIFFERENTIABLE_REWARD", True)
     with pytest.raises(ConfigError, match="reward=jpeg_compressibility is not differentiable"):
         check("reward=jpeg_compressibility")
 
@@ -78,7 +78,7 @@ def test_algorithm_yaml_defaults_equal_the_config_dataclass(name):
 
     cfg = compose("config", [f"algo={name}"])
     fields = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-              for f in dataclasses.fields(algorithms.load_algorithm(name).Config)}  # fmt: skip
+              for f in dataclasses.fields(rlft.algorithms.load_algorithm(name).Config)}  # fmt: skip
     algo = OmegaConf.to_container(cfg.algo)
-    assert {k: v for k, v in algo.items() if k not in algorithms.RUN_KEYS} == fields
+    assert {k: v for k, v in algo.items() if k not in rlft.algorithms.RUN_KEYS} == fields
     assert cfg.trainer.epochs == cfg.algo.epochs  # the algorithm's run length, unless the command line sets one

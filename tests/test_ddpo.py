@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from rlft.algorithms import ddpo
 from tensordict import TensorDict
 
-from algorithms import ddpo
 from rlft.learner import Learner
 from rlft.rollout import RolloutWorker
 from tests.helpers import tiny_cfg

@@ -9,15 +9,15 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from gymnasium.utils.env_checker import check_env
+from rlft.algorithms import LearnerContext, deft
+from rlft.envs.denoising import DenoisingEnv
+from rlft.envs.digits import load_digits
+from rlft.envs.inverse import InverseProblemEnv, MeasurementCases, SuperResolution, make_operator
+from rlft.envs.rewards import make_reward
+from rlft.envs.schedule import DDIMSchedule
 from tensordict import TensorDict
 from torch import nn
 
-from algorithms import LearnerContext, deft
-from envs.denoising import DenoisingEnv
-from envs.digits import load_digits
-from envs.inverse import InverseProblemEnv, MeasurementCases, SuperResolution, make_operator
-from envs.rewards import make_reward
-from envs.schedule import DDIMSchedule
 from rlft.buffer import TrajectoryBuffer
 from rlft.learner import Learner
 from rlft.policy import DiffusionPolicy, ddim_step

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from rlft.algorithms import draft
+from rlft.envs.rewards import Reward, evaluate_reward
 
-from algorithms import draft
-from envs.rewards import Reward, evaluate_reward
 from rlft.config import compose, to_container, validate
 from rlft.learner import Learner
 from rlft.lora import load_adapters, merge_adapters, save_adapters

@@ -2,10 +2,10 @@
 
 import gymnasium
 import pytest
+import rlft.envs  # noqa: F401  (registers rlft/Digits-v0)
 import torch
 from gymnasium.utils.env_checker import check_env
 
-import envs  # noqa: F401  (registers rlft/Digits-v0)
 from rlft.policy import DiffusionPolicy, load_base_model
 
 

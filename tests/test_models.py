@@ -4,10 +4,10 @@ import huggingface_hub.constants
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+from rlft.envs.models import ModelUnavailableError, check_base_model
+from rlft.envs.rewards import jpeg_size_kb
 from transformers import CLIPTextModel
 
-from envs.models import ModelUnavailableError, check_base_model
-from envs.rewards import jpeg_size_kb
 from rlft.config import compose, to_container, validate
 from rlft.rollout import RolloutWorker
 from rlft.stable_diffusion import ClassifierFreeGuidance

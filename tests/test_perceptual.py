@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from rlft.envs.digits import load_digits
+from rlft.envs.rewards import evaluate_reward, make_reward, perceptual_reward
 from safetensors.torch import save_file
 
-from envs.digits import load_digits
-from envs.rewards import evaluate_reward, make_reward, perceptual_reward
 from rlft.config import compose, validate
 
 

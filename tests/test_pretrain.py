@@ -1,8 +1,8 @@
 """`python -m rlft.pretrain env=digits` writes loadable weights (a few steps here; the shipped run used 1,500)."""
 
 import torch
+from rlft.envs.digits import load_classifier
 
-from envs.digits import load_classifier
 from rlft.policy import load_base_model
 from rlft.pretrain import main
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from rlft.envs.rewards import evaluate_reward, make_reward
 
-from envs.rewards import evaluate_reward, make_reward
 from rlft.config import ConfigError, compose, validate
 
 

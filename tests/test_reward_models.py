@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from rlft.envs.models import ImagePreprocess, ModelUnavailableError
+from rlft.envs.reward_models import LinearStack
+from rlft.envs.rewards import make_reward
 from transformers import AutoImageProcessor, CLIPModel, ViTForImageClassification
 
-from envs.models import ImagePreprocess, ModelUnavailableError
-from envs.reward_models import LinearStack
-from envs.rewards import make_reward
 from tests.tiny_models import save_tiny_age_classifier, save_tiny_clip
 
 

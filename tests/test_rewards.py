@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-
-from envs.digits import load_digits
-from envs.rewards import REWARDS, Reward, evaluate_reward, make_reward
+from rlft.envs.digits import load_digits
+from rlft.envs.rewards import REWARDS, Reward, evaluate_reward, make_reward
 
 
 def test_registry_lists_the_rewards():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from rlft.envs.schedule import DDIMSchedule
 
-from envs.schedule import DDIMSchedule
 from rlft.policy import ddim_step
 
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
