@@ -1,36 +1,78 @@
-"""Update rules, one file each. A module `algorithms/<name>.py` is selected with `algo=<name>` and defines:
-
-    Config                          a dataclass; its fields are the keys of rlft/conf/algo/<name>.yaml
-    REQUIRES_STOCHASTIC_SAMPLER     True when the update needs transition log-probabilities (env.eta > 0)
-    REQUIRES_DIFFERENTIABLE_REWARD  True when the update backpropagates through the reward
-    USES_ROLLOUTS                   False when the learner makes its own samples (no rollout workers, no buffer);
-                                    an algorithm whose variants differ defines `uses_rollouts(cfg)` instead
-    GRADIENT_CHECKPOINTING          optional: the default of policy.gradient_checkpointing (False when absent)
-    ROLLOUT_KEYS                    optional per-step entries rollout workers record beyond the latents
-                                    and log-probabilities ("noise"; "base_output": the frozen base network's prediction)
-    make_state(cfg)                 the algorithm's own learner-side state (state_dict / load_state_dict)
-    prepare(batch, cfg, state)      learner side, when trajectories arrive: -> (batch, metrics)
-    PREPARE_ACROSS_REPLICAS         optional batch keys: with several learners, `prepare` runs on these entries of
-                                    all learners' new trajectories (rank order) and each keeps its own rows
-    update(ctx, cfg, state)         one epoch's update (its own passes over ctx.buffer): -> metrics; an update that
-                                    samples for itself reports how many trajectories as "perf/samples"
-    make_correction(cfg, env, scheduler_config)   optional: a trainable module added to the noise prediction of
-                                    the frozen base network (DEFT's h-transform); only its weights train and publish
-
-and a loss as a pure function over a TensorDict batch, with the paper's equation cited. Nothing here imports Ray:
-the same `update` runs in a unit test, a single process and a Ray Train worker.
+"""Update rules, one file each. `algo=<name>` selects the module `rlft.algorithms.<name>`, which defines every member
+of the `Algorithm` protocol below (checked when it is loaded) and its loss as a pure function over tensors, with the
+paper's equation cited. Nothing here imports Ray or the layer that does: the same `update` runs in a unit test, a
+single process and a Ray Train worker.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import pkgutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import ModuleType
+from typing import Any, Protocol
 
 import torch
 from tensordict import TensorDict
+
+
+class Algorithm(Protocol):
+    """What an algorithm module defines. `cfg` is always its own `Config`; `spec` the whole run (rlft.spec.RunSpec)."""
+
+    Config: type  # a dataclass of knobs (rlft.core.spec.knob) whose `name` is the module's and `epochs` its run length
+    REQUIRES_STOCHASTIC_SAMPLER: bool  # the update needs transition log-probabilities (env.eta > 0)
+    REQUIRES_DIFFERENTIABLE_REWARD: bool  # the update backpropagates through the reward
+    GRADIENT_CHECKPOINTING: bool  # the default of policy.gradient_checkpointing
+    ROLLOUT_KEYS: tuple[str, ...]  # per-step entries rollouts record beyond latents and log-probabilities: "noise";
+    # "base_output" (the frozen base network's prediction)
+    PREPARE_ACROSS_REPLICAS: tuple[str, ...]  # batch keys `prepare` sees from all learners (DDPO: rewards, contexts)
+
+    def uses_rollouts(self, cfg) -> bool:
+        """False when the learner samples for itself (no rollout collection, no buffer)."""
+
+    def reference_roles(self, cfg) -> tuple[str, ...]:
+        """Where a frozen copy of the base network is needed: "rollout" (AM's lean adjoints), "learner" (KL)."""
+
+    def validate(self, spec) -> list[str]:
+        """Config problems of this algorithm with the rest of the run, one message each (empty: fine)."""
+
+    def make_state(self, cfg) -> Any:
+        """The learner-side state (with state_dict / load_state_dict for checkpoints)."""
+
+    def make_correction(self, cfg, env) -> torch.nn.Module | None:
+        """A trainable module added to a frozen base network's prediction (DEFT's h-transform), or None."""
+
+    def postprocess_rollout(self, worker, batch: TensorDict, cfg) -> TensorDict:
+        """Rollout-worker side, on each collected chunk (AM's lean adjoints); `worker` has policy, env, device."""
+
+    def prepare(self, batch: TensorDict, cfg, state) -> tuple[TensorDict, dict[str, float]]:
+        """Learner side, when finite trajectories arrive (DDPO's advantages)."""
+
+    def update(self, ctx: LearnerContext, cfg, state) -> dict[str, float]:
+        """One epoch's update (its own passes over ctx.buffer); reports "perf/samples" when it sampled for itself."""
+
+
+PROTOCOL_MEMBERS = ("Config", "REQUIRES_STOCHASTIC_SAMPLER", "REQUIRES_DIFFERENTIABLE_REWARD",
+                    "GRADIENT_CHECKPOINTING", "ROLLOUT_KEYS", "PREPARE_ACROSS_REPLICAS", "uses_rollouts",
+                    "reference_roles", "validate", "make_state", "make_correction", "postprocess_rollout", "prepare",
+                    "update")  # fmt: skip
+
+
+def algorithm_names() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def load_algorithm(name: str) -> Algorithm:
+    """The module of `algo=<name>`, checked against the `Algorithm` protocol."""
+    if name not in algorithm_names():
+        raise KeyError(f"unknown algorithm {name!r}; algorithms: {', '.join(algorithm_names())}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    missing = [member for member in PROTOCOL_MEMBERS if not hasattr(module, member)]
+    if missing:
+        raise TypeError(f"rlft.algorithms.{name} does not define {', '.join(missing)} (see the Algorithm protocol in "
+                        "rlft.algorithms)")  # fmt: skip
+    return module
 
 
 @dataclass
@@ -40,8 +82,8 @@ class LearnerContext:
     policy: torch.nn.Module  # the DiffusionPolicy (unwrapped: parameters, schedule, trainable weights)
     network: torch.nn.Module  # what to call for the forward pass: the policy or its DDP wrapper
     optimizer: torch.optim.Optimizer
-    env: object  # a DenoisingEnv on the learner's device (reward, schedule, contexts) for in-learner sampling
-    buffer: object | None  # the learner's TrajectoryBuffer shard (None when the algorithm uses no rollouts)
+    env: Any  # a DenoisingEnv on the learner's device (reward, schedule, contexts) for in-learner sampling
+    buffer: Any  # the learner's TrajectoryBuffer shard (None when the algorithm uses no rollouts)
     generator: torch.Generator  # the learner's own random stream (timestep orders, subsampling)
     device: torch.device
     world_size: int = 1
@@ -66,25 +108,29 @@ class LearnerContext:
                 return
             yield minibatch.to(self.device)
 
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def optimizer_step(self, max_grad_norm: float) -> dict[str, float]:
+        """Clip the gradients (global L2 norm) and step, unless a gradient is not finite: then the step is skipped and
+        the gradients dropped, so a NaN never reaches the weights (with DDP every replica sees the same all-reduced
+        gradients and skips alike)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable(), max_grad_norm)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"train/grad_norm": grad_norm.item() if finite else 0.0, "train/skipped_steps": float(not finite)}
+
+
+COUNTED = ("train/skipped_steps", "reward/nonfinite")  # per-step counts that an update reports summed, not averaged
+
 
 def mean_over_steps(step_metrics: list[dict[str, float]]) -> dict[str, float]:
-    """One update's per-optimizer-step metrics, averaged over its steps, plus `train/optimizer_steps`."""
+    """One update's per-optimizer-step metrics, averaged over its steps (counts summed), plus
+    `train/optimizer_steps`."""
     steps = len(step_metrics)
     keys = dict.fromkeys(key for metrics in step_metrics for key in metrics)
-    means = {key: sum(m[key] for m in step_metrics if key in m) / max(1, steps) for key in keys}
+    summed = {key: sum(m[key] for m in step_metrics if key in m) for key in keys}
+    means = {key: value if key in COUNTED else value / max(1, steps) for key, value in summed.items()}
     return {**means, "train/optimizer_steps": float(steps)}
-
-
-def load_algorithm(name: str) -> ModuleType:
-    return importlib.import_module(f"rlft.algorithms.{name}")
-
-
-def uses_rollouts(module: ModuleType, cfg) -> bool:
-    return module.uses_rollouts(cfg) if hasattr(module, "uses_rollouts") else module.USES_ROLLOUTS
-
-
-RUN_KEYS = ("name", "epochs")  # keys of an `algo:` config that choose the module and the run length, not Config
-
-
-def make_config(module: ModuleType, algo_cfg: dict):
-    return module.Config(**{k: v for k, v in algo_cfg.items() if k not in RUN_KEYS})

@@ -27,76 +27,77 @@ Batch schema (rollout workers, `postprocess_rollout`; B trajectories, T steps, x
     context      [B, *ctx]          the condition (empty for unconditional models)
     reward       [B]                r(x_0, c)
 
-Classifier-free guidance (conditional models; the null context is zeros shaped like the context):
-eps = eps(x, null) + w (eps(x, c) - eps(x, null)) with w = `guidance_scale`. `guidance_in_adjoint_computation`
-uses the guided base in the lean adjoint's VJPs; `guidance_in_control_computation` forms u from guided fine-tuned
-and base means. Without either, training is conditional only (w = 1) and guidance is a sampling-time choice;
-with both (full CFG) the adjoints of large w blow up. Rollouts sample without guidance, so the Girsanov weights
-are exact only when the control is computed without it.
+Classifier-free guidance (conditional models, e.g. Stable Diffusion; the null context is the env's negative-prompt
+embedding, as in sampling): trajectories are sampled as the env samples them, guided with env.guidance_scale = w.
+`guidance_in_adjoint_computation` uses the guided base model in the lean adjoint's VJPs,
+`guidance_in_control_computation` forms u from guided fine-tuned and base means; otherwise both use w = 1 (the
+conditional model). The seed's recommendation is the default: guided trajectories, unguided adjoint and control
+(with both guided, full CFG, the adjoints of large w blow up). Girsanov weights compare the current model's sampling
+(guided) transitions with the stored ones, so with an unguided control they cost one more network call per trained
+step; they are computed only when something uses them (importance_weighting, refill_below_ess).
 """
 
 from __future__ import annotations
 
-import sys
-import weakref
 from dataclasses import dataclass
 
 import torch
-from rlft.algorithms import LearnerContext, mean_over_steps
 from tensordict import TensorDict
 
-from rlft.policy import DiffusionPolicy, StepOutput, ddim_step
+from rlft.algorithms import LearnerContext, mean_over_steps
+from rlft.core.sampler import StepOutput
+from rlft.core.spec import knob
 
 REQUIRES_STOCHASTIC_SAMPLER = True  # the control is defined by the noise scale sigma_k > 0 (memoryless: eta = 1)
 REQUIRES_DIFFERENTIABLE_REWARD = True  # the lean adjoint starts at -lambda grad r(x_0)
-USES_ROLLOUTS = True
+GRADIENT_CHECKPOINTING = False
 ROLLOUT_KEYS = ("noise",)  # the Girsanov weights need the sampling noise of every step
+PREPARE_ACROSS_REPLICAS = ()
 
 
 @dataclass
-class AdjointMatchingConfig:
-    lr: float = 3e-4  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm) before each optimizer step
-    minibatch_size: int = 32  # trajectories per optimizer step
-    reward_multiplier: float = 10.0  # lambda: the fine-tuned model targets p_base(x) exp(lambda r(x))
-    num_train_timesteps: int = 4  # steps per trajectory in the loss, one from each of this many strata
-    passes_per_buffer: int = 10  # reshuffled passes over each buffer fill (1 = on-policy AM)
-    clip_quantile: float = 0.9  # per-sample losses are clipped at an EMA of this quantile of a minibatch's losses
-    clip_ema_decay: float = 0.9  # decay of that EMA
-    clip_losses: bool = True  # false trains on unclipped per-sample losses
-    importance_weighting: bool = False  # weight per-sample losses by self-normalised Girsanov weights
-    refill_below_ess: float = 0.0  # end the passes early (next epoch refills) once a pass's ESS fraction is below
-    guidance_scale: float = 1.0  # classifier-free guidance weight w (1 = conditional only; conditional models)
-    guidance_in_adjoint_computation: bool = False  # the lean adjoint's base steps use the guided base model
-    guidance_in_control_computation: bool = False  # the control u is formed from guided fine-tuned and base means
+class Config:
+    name: str = knob("adjoint_matching", "algorithm module in algorithms/")
+    epochs: int = knob(20, "trainer.epochs unless the command line sets it (95% target digits by epoch 10 on digits)",
+                       ge=1)  # fmt: skip
+    lr: float = knob(3e-4, "AdamW learning rate", gt=0)
+    weight_decay: float = knob(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = knob(1.0, "gradient clipping (global L2 norm) before each optimizer step", gt=0)
+    minibatch_size: int = knob(32, "trajectories per optimizer step", ge=1)
+    reward_multiplier: float = knob(10.0, "lambda: the fine-tuned model targets p_base(x) exp(lambda r(x)); the KL "
+                                    "to the base model weighs 1 / lambda", gt=0)  # fmt: skip
+    num_train_timesteps: int = knob(4, "steps per trajectory in the loss, one from each of this many strata", ge=1)
+    passes_per_buffer: int = knob(10, "reshuffled passes over each buffer fill (1 = on-policy AM)", ge=1)
+    clip_quantile: float = knob(0.9, "per-sample losses are clipped at an EMA of this quantile of a minibatch's",
+                                gt=0, le=1)  # fmt: skip
+    clip_ema_decay: float = knob(0.9, "decay of that EMA", ge=0, lt=1)
+    clip_losses: bool = knob(True, "false trains on unclipped per-sample losses")
+    importance_weighting: bool = knob(False, "weight per-sample losses by self-normalised step-wise Girsanov weights")
+    refill_below_ess: float = knob(0.0, "end the passes early (the next epoch refills) once a pass's mean ESS "
+                                   "fraction is below this (0 = never)", ge=0, lt=1)  # fmt: skip
+    guidance_in_adjoint_computation: bool = knob(False, "the lean adjoint's base steps use the guided base model "
+                                                 "(env.guidance_scale)")  # fmt: skip
+    guidance_in_control_computation: bool = knob(False, "the control u is formed from guided fine-tuned and base "
+                                                 "means (env.guidance_scale)")  # fmt: skip
 
 
-# ---- the sampler step of the control problem (memoryless DDIM) ----
+def sampling_guidance(policy) -> float:
+    return policy.guidance_scale if policy.conditional else 1.0
 
 
-def guided_step(
-    network: torch.nn.Module,
-    schedule,
-    x: torch.Tensor,
-    step_index: int | torch.Tensor,
-    context: torch.Tensor,
-    guidance_scale: float = 1.0,
-) -> StepOutput:
-    """The DDIM transition of step k from x with classifier-free guidance w; its `mean` is x_{k+1}^{det}, `std`
-    is sigma_k. `network` is a DiffusionPolicy (or its DDP wrapper): network(x_t, timestep, context) -> eps."""
-    step_index = torch.as_tensor(step_index, device=x.device).expand(x.shape[0])
-    timestep = schedule.timesteps.to(x.device)[step_index]  # [B]
-    if guidance_scale == 1.0:
-        eps = network(x, timestep, context)
-    else:  # one batched call for the conditional and the null context
-        null = torch.zeros_like(context)
-        eps_cond, eps_null = network(torch.cat([x, x]), torch.cat([timestep, timestep]),
-                                     torch.cat([context, null])).chunk(2)  # fmt: skip
-        eps = eps_null + guidance_scale * (eps_cond - eps_null)
-    a_t = schedule.alpha_prod.to(x.device)[step_index]
-    a_prev = schedule.alpha_prod_prev.to(x.device)[step_index]
-    return ddim_step(eps, x, a_t, a_prev, schedule.eta, noise=torch.zeros_like(x))
+def adjoint_guidance(policy, cfg: Config) -> float:
+    return sampling_guidance(policy) if cfg.guidance_in_adjoint_computation else 1.0
+
+
+def control_guidance(policy, cfg: Config) -> float:
+    return sampling_guidance(policy) if cfg.guidance_in_control_computation else 1.0
+
+
+def deterministic_mean(policy, x: torch.Tensor, step_index: int | torch.Tensor, context: torch.Tensor,
+                       guidance_scale: float, network=None, reference: bool = False) -> StepOutput:  # fmt: skip
+    """The DDIM transition of step k from x: its `mean` is x_{k+1}^{det}, its `std` sigma_k (the step's noise)."""
+    return policy.step(x, step_index, context, noise=torch.zeros_like(x), network=network,
+                       guidance_scale=guidance_scale, reference=reference)  # fmt: skip
 
 
 def control(fine_mean: torch.Tensor, base_mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -107,75 +108,53 @@ def control(fine_mean: torch.Tensor, base_mean: torch.Tensor, sigma: torch.Tenso
 # ---- rollout side: the lean adjoint through the frozen base model ----
 
 
-def lean_adjoint(
-    base: DiffusionPolicy,
-    latents: torch.Tensor,
-    context: torch.Tensor,
-    reward_fn,
-    reward_multiplier: float,
-    guidance_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(adjoint [B, T, ...], base_mean [B, T, ...]): a_{k+1} at latents[:, k+1] and the base step's mean from
-    latents[:, k], for k = 0..T-1 (AM eq. 25, one VJP per step); `reward_fn(images, context) -> [B]`."""
+def lean_adjoint(policy, latents: torch.Tensor, context: torch.Tensor, score, reward_multiplier: float,
+                 guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(adjoint [B, T, ...], base_mean [B, T, ...]): a_{k+1} at latents[:, k+1] and the frozen base step's mean from
+    latents[:, k], for k = 0..T-1 (AM eq. 25, one VJP per step). `score(x_0, context) -> (rewards [B], finite [B])`
+    is the env's, so latent models differentiate through the decoder."""
     num_steps = latents.shape[1] - 1
     with torch.enable_grad():
         x_final = latents[:, -1].detach().float().requires_grad_(True)
-        (grad_reward,) = torch.autograd.grad(reward_fn(x_final, context).sum(), x_final)
+        rewards, _ = score(x_final, context)
+        (grad_reward,) = torch.autograd.grad(rewards.sum(), x_final)
         adjoint = -reward_multiplier * grad_reward  # a(x_0) = -lambda grad r
         adjoints, base_means = [None] * num_steps, [None] * num_steps
         for k in reversed(range(num_steps)):
             adjoints[k] = adjoint
             x = latents[:, k].detach().float().requires_grad_(True)
-            mean = guided_step(base, base.schedule, x, k, context, guidance_scale).mean
+            mean = deterministic_mean(policy, x, k, context, guidance_scale, reference=True).mean
             (adjoint,) = torch.autograd.grad(mean, x, grad_outputs=adjoint)  # J_k^T a_{k+1}
             base_means[k] = mean.detach()
     return torch.stack(adjoints, dim=1), torch.stack(base_means, dim=1)
 
 
-_BASE_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # rollout worker -> its frozen base
-
-
-def frozen_base(worker) -> DiffusionPolicy:
-    """The rollout worker's own copy of the pretrained model, loaded once, never updated."""
-    if worker not in _BASE_POLICIES:
-        from rlft.policy import load_base_model
-
-        unet, _ = load_base_model(worker.cfg["env"]["base_model"])
-        base = DiffusionPolicy(unet.to(worker.device), worker.env.schedule, worker.policy.autocast_dtype)
-        _BASE_POLICIES[worker] = base.eval().requires_grad_(False)
-    return _BASE_POLICIES[worker]
-
-
-def add_lean_adjoints(batch: TensorDict, base: DiffusionPolicy, reward_fn, cfg: AdjointMatchingConfig) -> TensorDict:
+def add_lean_adjoints(batch: TensorDict, policy, score, cfg: Config) -> TensorDict:
     """Add `adjoint` and `base_mean` ([B, T, ...] each) to sampled trajectories."""
-    adjoint_scale = cfg.guidance_scale if cfg.guidance_in_adjoint_computation else 1.0
-    control_scale = cfg.guidance_scale if cfg.guidance_in_control_computation else 1.0
+    adjoint_scale, control_scale = adjoint_guidance(policy, cfg), control_guidance(policy, cfg)
     latents, context = batch["latents"], batch["context"]
-    adjoint, base_mean = lean_adjoint(base, latents, context, reward_fn, cfg.reward_multiplier, adjoint_scale)
+    adjoint, base_mean = lean_adjoint(policy, latents, context, score, cfg.reward_multiplier, adjoint_scale)
     if control_scale != adjoint_scale:  # the control needs the base means under the other guidance
         with torch.no_grad():
             flat = latents[:, :-1].flatten(0, 1)  # [B*T, ...]
             steps = torch.arange(latents.shape[1] - 1, device=latents.device).repeat(latents.shape[0])
             contexts = context.repeat_interleave(latents.shape[1] - 1, dim=0)
-            base_mean = guided_step(base, base.schedule, flat, steps, contexts, control_scale).mean
+            base_mean = deterministic_mean(policy, flat, steps, contexts, control_scale, reference=True).mean
             base_mean = base_mean.reshape(adjoint.shape)
     batch["adjoint"] = adjoint  # [B, T, C, H, W]
     batch["base_mean"] = base_mean  # [B, T, C, H, W]
     return batch
 
 
-def postprocess_rollout(worker, batch: TensorDict, cfg: dict) -> TensorDict:
+def postprocess_rollout(worker, batch: TensorDict, cfg: Config) -> TensorDict:
     """Rollout-worker hook (rlft.rollout): lean adjoints and base means from the worker's frozen base model."""
-    from rlft.algorithms import make_config
-
-    algo = make_config(sys.modules[__name__], cfg["algo"])
-    base = frozen_base(worker)
     finite = batch["reward_finite"]  # non-finite rewards have no gradient; the learner drops those rows
     shape = (len(batch), batch["latents"].shape[1] - 1, *batch["latents"].shape[2:])
     adjoint = torch.zeros(shape, device=batch.device)  # [B, T, C, H, W]
     base_mean = torch.zeros(shape, device=batch.device)  # [B, T, C, H, W]
     if finite.any():
-        done = add_lean_adjoints(batch[finite].to(worker.device), base, worker.env.reward.fn, algo).to(batch.device)
+        rows = batch[finite].to(worker.device)
+        done = add_lean_adjoints(rows, worker.policy, worker.env.score, cfg).to(batch.device)
         adjoint[finite], base_mean[finite] = done["adjoint"], done["base_mean"]
     batch["adjoint"], batch["base_mean"] = adjoint, base_mean
     return batch
@@ -222,7 +201,7 @@ class ClipState:
         self.threshold: float | None = None
         self.train_network_evals = 0.0  # per-sample network forward passes in the learner, cumulative
 
-    def update(self, losses: torch.Tensor, cfg: AdjointMatchingConfig) -> float:
+    def update(self, losses: torch.Tensor, cfg: Config) -> float:
         quantile = torch.quantile(losses.detach().float(), cfg.clip_quantile).item()
         decay = cfg.clip_ema_decay
         self.threshold = quantile if self.threshold is None else decay * self.threshold + (1 - decay) * quantile
@@ -235,30 +214,39 @@ class ClipState:
         self.threshold, self.train_network_evals = state["threshold"], state["train_network_evals"]
 
 
-def train_step(ctx: LearnerContext, batch: TensorDict, cfg: AdjointMatchingConfig, state: ClipState) -> dict:
+def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config, state: ClipState) -> dict:
     """One optimizer step on a minibatch: the AM loss over `num_train_timesteps` stratified steps."""
     policy = ctx.policy
     schedule = policy.schedule
-    control_scale = cfg.guidance_scale if cfg.guidance_in_control_computation else 1.0
+    control_scale, sampling_scale = control_guidance(policy, cfg), sampling_guidance(policy)
+    weights_needed = cfg.importance_weighting or cfg.refill_below_ess > 0 or control_scale == sampling_scale
     num_trajectories = batch.batch_size[0]
     stochastic = schedule.stochastic_steps.cpu()
     steps = stratified_steps(stochastic, num_trajectories, cfg.num_train_timesteps, ctx.generator).to(batch.device)
     rows = torch.arange(num_trajectories, device=batch.device)
     per_sample = torch.zeros(num_trajectories, device=batch.device)
     log_weights = torch.zeros(num_trajectories, device=batch.device)
+    context = batch["context"]
     for j in range(steps.shape[1]):
         k = steps[:, j]  # [B]
-        out = guided_step(ctx.network, schedule, batch["latents"][rows, k], k, batch["context"], control_scale)
+        x = batch["latents"][rows, k]
+        out = deterministic_mean(policy, x, k, context, control_scale, network=ctx.network)
         sigma = out.std  # [B, 1, 1, 1]
-        per_sample = per_sample + adjoint_matching_loss(
-            out.mean, batch["base_mean"][rows, k], sigma, batch["adjoint"][rows, k]
-        )
-        log_weights += girsanov_log_weight_step(out.mean.detach(), batch["latents"][rows, k + 1],
-                                                batch["noise"][rows, k], sigma)  # fmt: skip
+        per_sample = per_sample + adjoint_matching_loss(out.mean, batch["base_mean"][rows, k], sigma,
+                                                        batch["adjoint"][rows, k])  # fmt: skip
+        if weights_needed:  # the current model's sampling transition against the one that made the trajectory
+            if control_scale == sampling_scale:
+                sampling_mean = out.mean.detach()
+            else:
+                with torch.no_grad():
+                    sampling_mean = deterministic_mean(policy, x, k, context, sampling_scale).mean
+            log_weights += girsanov_log_weight_step(sampling_mean, batch["latents"][rows, k + 1],
+                                                    batch["noise"][rows, k], sigma)  # fmt: skip
     log_weights *= len(stochastic) / steps.shape[1]  # the trained steps estimate the sum over all steps
-    ess = effective_sample_fraction(log_weights)
     losses = per_sample
     metrics = {"am/loss_unclipped": per_sample.mean().item()}
+    if weights_needed:
+        metrics["am/ess_fraction"] = effective_sample_fraction(log_weights).item()
     if cfg.clip_losses:
         threshold = state.update(per_sample, cfg)
         scale = torch.clamp(threshold / per_sample.detach().clamp(min=1e-12), max=1.0)  # values at most threshold
@@ -269,60 +257,66 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: AdjointMatchingConfi
     loss = losses.mean()
     ctx.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-    ctx.optimizer.step()
-    passes = 2 if control_scale != 1.0 else 1
-    state.train_network_evals += num_trajectories * steps.shape[1] * passes
-    return {**metrics, "loss/adjoint_matching": loss.item(), "am/ess_fraction": ess.item(),
-            "train/grad_norm": grad_norm.item()}  # fmt: skip
+    calls = 2 if (policy.conditional and control_scale != 1.0) else 1  # a guided call is two network passes
+    state.train_network_evals += num_trajectories * steps.shape[1] * calls
+    return {**metrics, "loss/adjoint_matching": loss.item(), **ctx.optimizer_step(cfg.max_grad_norm)}
 
 
-# ---- the learner-side interface (see algorithms/__init__.py) ----
-Config = AdjointMatchingConfig
+# ---- the learner-side interface (see rlft.algorithms.Algorithm) ----
+def uses_rollouts(cfg: Config) -> bool:
+    return True
 
 
-def validate(cfg) -> list[str]:
-    """Config problems specific to AM (called by rlft.config.validate): a list of messages, empty when fine."""
+def reference_roles(cfg: Config) -> tuple[str, ...]:
+    return ("rollout",)  # the lean adjoints and base means come from the frozen base model in the rollout workers
+
+
+def validate(spec) -> list[str]:
     problems = []
-    if cfg.env.eta != 1.0:
-        problems.append(f"algo=adjoint_matching needs the memoryless schedule, but env.eta={cfg.env.eta}; use "
+    if spec.env.eta != 1.0:
+        problems.append(f"algo=adjoint_matching needs the memoryless schedule, but env.eta={spec.env.eta}; use "
                         "env.eta=1.0 (with another eta the fine-tuned model does not sample p_base exp(lambda r))")
-    if cfg.algo.passes_per_buffer < 1:
-        problems.append(f"algo.passes_per_buffer={cfg.algo.passes_per_buffer} must be at least 1 (1 = on-policy AM)")
-    if cfg.algo.num_train_timesteps < 1:
-        problems.append(f"algo.num_train_timesteps={cfg.algo.num_train_timesteps} must be at least 1")
-    if not 0.0 <= cfg.algo.refill_below_ess < 1.0:
-        problems.append(f"algo.refill_below_ess={cfg.algo.refill_below_ess} must lie in [0, 1) (0 = never early)")
+    if spec.ray.remote_reward:
+        problems.append("algo=adjoint_matching differentiates the reward in the rollout workers, which a remote "
+                        "reward actor cannot do; set ray.remote_reward=false")  # fmt: skip
     return problems
 
 
-def make_state(cfg: AdjointMatchingConfig) -> ClipState:
+def make_state(cfg: Config) -> ClipState:
     return ClipState()
 
 
-def prepare(batch: TensorDict, cfg: AdjointMatchingConfig, state: ClipState) -> tuple[TensorDict, dict]:
+def make_correction(cfg: Config, env) -> None:
+    return None
+
+
+def prepare(batch: TensorDict, cfg: Config, state: ClipState) -> tuple[TensorDict, dict]:
     missing = {"adjoint", "base_mean", "noise"} - set(batch.keys())
     if missing:
         raise KeyError(f"trajectories lack {sorted(missing)}: the rollout workers must run "
                        "rlft.algorithms.adjoint_matching.postprocess_rollout (rlft.rollout calls it)")  # fmt: skip
     num_steps = batch["latents"].shape[1] - 1
     adjoint_norm = batch["adjoint"][:, -1].flatten(1).norm(dim=1).mean().item()
-    # per trajectory: T fine-tuned steps to sample, T base steps (+ their VJPs) for the adjoint
-    rollout_evals = len(batch) * num_steps * (2 + (cfg.guidance_scale != 1.0))
+    # per trajectory: T fine-tuned steps to sample, T base steps (+ their VJPs) for the adjoint; a guided call
+    # counts once here
+    rollout_evals = len(batch) * num_steps * 2
     return batch, {"am/final_adjoint_norm": adjoint_norm, "am/rollout_network_evals": float(rollout_evals)}
 
 
-def update(ctx: LearnerContext, cfg: AdjointMatchingConfig, state: ClipState) -> dict[str, float]:
+def update(ctx: LearnerContext, cfg: Config, state: ClipState) -> dict[str, float]:
     """`passes_per_buffer` reshuffled passes over this epoch's buffer fill, one optimizer step per minibatch;
     with `refill_below_ess`, the passes stop once a pass's mean ESS fraction drops below it."""
-    step_metrics, passes = [], 0
+    step_metrics, passes, last_ess = [], 0, None
     for _ in range(cfg.passes_per_buffer):
         pass_metrics = [train_step(ctx, minibatch, cfg, state) for minibatch in ctx.minibatches()]
         step_metrics += pass_metrics
         passes += 1
-        last_ess = sum(m["am/ess_fraction"] for m in pass_metrics) / max(1, len(pass_metrics))
-        if cfg.refill_below_ess > 0 and last_ess < cfg.refill_below_ess:
+        if pass_metrics and "am/ess_fraction" in pass_metrics[0]:
+            last_ess = sum(m["am/ess_fraction"] for m in pass_metrics) / len(pass_metrics)
+        if cfg.refill_below_ess > 0 and last_ess is not None and last_ess < cfg.refill_below_ess:
             break
-    return {**mean_over_steps(step_metrics), "am/ess_fraction_last_pass": last_ess, "am/passes": float(passes),
-            "am/train_network_evals_total": state.train_network_evals}
-
+    metrics = {**mean_over_steps(step_metrics), "am/passes": float(passes),
+               "am/train_network_evals_total": state.train_network_evals}  # fmt: skip
+    if last_ess is not None:
+        metrics["am/ess_fraction_last_pass"] = last_ess
+    return metrics

@@ -19,33 +19,45 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import torch
-from rlft.algorithms import LearnerContext, mean_over_steps
 from tensordict import TensorDict
+
+from rlft.algorithms import LearnerContext, mean_over_steps
+from rlft.core.sampler import transition_kl
+from rlft.core.spec import knob
 
 REQUIRES_STOCHASTIC_SAMPLER = True  # the importance ratio needs log-probabilities (eta > 0)
 REQUIRES_DIFFERENTIABLE_REWARD = False
-USES_ROLLOUTS = True
+GRADIENT_CHECKPOINTING = False
+ROLLOUT_KEYS = ()
 # with several learners, `prepare` sees these entries of every learner's trajectories: advantages are standardised
 # over the whole epoch, as DDPO's reference code gathers the rewards of all processes first
 PREPARE_ACROSS_REPLICAS = ("reward", "context")
 
 
 @dataclass
-class DDPOConfig:
-    lr: float = 3e-4  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm) before each optimizer step
-    clip_range: float = 1e-4  # PPO clip: ratios outside [1 - eps, 1 + eps] give no gradient
-    adv_clip_max: float = 5.0  # advantages are clipped to [-adv_clip_max, adv_clip_max]
-    inner_epochs: int = 1  # passes over each collected batch
-    minibatch_size: int = 32  # trajectories per optimizer step on each learner (DDP: x num_learners in all)
-    timestep_fraction: float = 1.0  # fraction of each trajectory's timesteps trained on (random per sample)
+class Config:
+    name: str = knob("ddpo", "algorithm module in algorithms/")
+    epochs: int = knob(80, "trainer.epochs unless the command line sets it", ge=1)
+    lr: float = knob(3e-4, "AdamW learning rate", gt=0)
+    weight_decay: float = knob(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = knob(1.0, "gradient clipping (global L2 norm) before each optimizer step", gt=0)
+    clip_range: float = knob(1e-4, "PPO clip: ratios outside [1 - eps, 1 + eps] give no gradient", gt=0)
+    adv_clip_max: float = knob(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]", gt=0)
+    inner_epochs: int = knob(1, "passes over each collected batch", ge=1)
+    minibatch_size: int = knob(32, "trajectories per optimizer step on each learner (DDP: x num_learners in all)",
+                               ge=1)  # fmt: skip
+    timestep_fraction: float = knob(1.0, "fraction of each trajectory's timesteps trained on (random per sample)",
+                                    gt=0, le=1)  # fmt: skip
     # timesteps of each trajectory stacked into one network call (B * k samples): the same gradient from fewer,
     # larger calls, which a GPU runs nearer its peak; activation memory grows k-fold
-    timesteps_per_forward: int = 1
-    per_context_advantages: bool = True  # standardise rewards per context; unconditional models use the batch
-    stat_window: int = 64  # per-context rolling window of recent rewards
-    stat_min_count: int = 16  # below this many rewards for a context, fall back to batch statistics
+    timesteps_per_forward: int = knob(1, "timesteps per trajectory stacked into one network call", ge=1)
+    per_context_advantages: bool = knob(True, "standardise rewards per context; unconditional models use the batch")
+    stat_window: int = knob(64, "per-context rolling window of recent rewards", ge=1)
+    stat_min_count: int = knob(16, "below this many rewards for a context, fall back to batch statistics", ge=1)
+    # 0.1: on the digits default, 0 lets the reward classifier be fooled (96% 3s by it, 57% by the judge at epoch 60)
+    # and 1 holds the policy at the base model (benchmarks/README.md, reward hacking)
+    kl_weight: float = knob(0.1, "beta of the exact per-step KL to the frozen base model added to the loss (0 = off)",
+                            ge=0)  # fmt: skip
 
 
 class PerContextStatTracker:
@@ -87,7 +99,7 @@ def context_keys(context: torch.Tensor) -> list[str]:
     return [hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in flat.float().cpu()]
 
 
-def compute_advantages(batch: TensorDict, cfg: DDPOConfig, tracker: PerContextStatTracker) -> TensorDict:
+def compute_advantages(batch: TensorDict, cfg: Config, tracker: PerContextStatTracker) -> TensorDict:
     """Add `advantage` [B] to a batch whose rewards are all finite (non-finite ones were dropped upstream)."""
     rewards = batch["reward"].float().cpu()
     keys = context_keys(batch["context"]) if cfg.per_context_advantages else [""] * len(rewards)
@@ -118,12 +130,12 @@ def ddpo_loss(
     return loss, info
 
 
-def train_step(ctx: LearnerContext, batch: TensorDict, cfg: DDPOConfig) -> dict[str, float]:
+def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config) -> dict[str, float]:
     """One optimizer step on a minibatch of whole trajectories, accumulating gradients over timesteps.
 
     Each network call's loss is backpropagated at once, so memory holds the graph of `timesteps_per_forward`
-    timesteps, not the trajectory's. The loss is the mean over trained timesteps of `ddpo_loss`, however they
-    are grouped into calls.
+    timesteps, not the trajectory's. The loss is the mean over trained timesteps of `ddpo_loss` (plus kl_weight times
+    the exact KL of each trained transition to the frozen base model's), however they are grouped into calls.
     """
     policy = ctx.policy
     num_trajectories = batch.batch_size[0]
@@ -139,45 +151,55 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: DDPOConfig) -> dict[
         k = columns.shape[1]
         step_index = columns.reshape(-1)  # [B * k], trajectory-major
         row = rows.repeat_interleave(k)  # [B * k]
-        out = policy.step(
-            batch["latents"][row, step_index],
-            step_index,
-            batch["context"][row],
-            prev_sample=batch["latents"][row, step_index + 1],
-            network=ctx.network,
-        )
+        x_t, x_prev, context = batch["latents"][row, step_index], batch["latents"][row, step_index + 1], batch[
+            "context"][row]  # fmt: skip
+        out = policy.step(x_t, step_index, context, prev_sample=x_prev, network=ctx.network)
         log_prob_old = batch["log_prob"][row, step_index]
         loss, info = ddpo_loss(out.log_prob, log_prob_old, batch["advantage"][row], cfg.clip_range)
+        if cfg.kl_weight > 0:
+            with torch.no_grad():
+                reference = policy.step(x_t, step_index, context, prev_sample=x_prev, reference=True)
+            kl = transition_kl(out.mean, reference.mean, out.std).mean()
+            loss = loss + cfg.kl_weight * kl
+            info["kl_to_base"] = kl.detach()
         share = k / num_train_steps  # `loss` is the mean over k timesteps: weight it by their share of the total
         (loss * share).backward()
         totals["loss/policy"] += loss.detach() * share
         for key, value in info.items():
             totals[f"ddpo/{key}"] += value * share
-    totals["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-    ctx.optimizer.step()
-    return {key: value.item() for key, value in totals.items()}  # one host sync per optimizer step
+    metrics = {key: value.item() for key, value in totals.items()}  # one host sync per optimizer step
+    return {**metrics, **ctx.optimizer_step(cfg.max_grad_norm)}
 
 
-# ---- the learner-side interface (see algorithms/__init__.py) ----
-Config = DDPOConfig
+# ---- the learner-side interface (see rlft.algorithms.Algorithm) ----
+def uses_rollouts(cfg: Config) -> bool:
+    return True
 
 
-def validate(cfg) -> list[str]:
-    """Config problems specific to DDPO (called by rlft.config.validate): a list of messages, empty when fine."""
-    if cfg.algo.timesteps_per_forward < 1:
-        return [f"algo.timesteps_per_forward={cfg.algo.timesteps_per_forward} must be at least 1 (1 = one timestep "
-                "per network call)"]
+def reference_roles(cfg: Config) -> tuple[str, ...]:
+    return ("learner",) if cfg.kl_weight > 0 else ()
+
+
+def validate(spec) -> list[str]:
     return []
 
 
-def make_state(cfg: DDPOConfig) -> PerContextStatTracker:
+def make_state(cfg: Config) -> PerContextStatTracker:
     return PerContextStatTracker(cfg.stat_window, cfg.stat_min_count)
 
 
-def prepare(batch: TensorDict, cfg: DDPOConfig, state: PerContextStatTracker) -> tuple[TensorDict, dict]:
+def make_correction(cfg: Config, env) -> None:
+    return None
+
+
+def postprocess_rollout(worker, batch: TensorDict, cfg: Config) -> TensorDict:
+    return batch
+
+
+def prepare(batch: TensorDict, cfg: Config, state: PerContextStatTracker) -> tuple[TensorDict, dict]:
     return compute_advantages(batch, cfg, state), {}
 
 
-def update(ctx: LearnerContext, cfg: DDPOConfig, state: PerContextStatTracker) -> dict[str, float]:
+def update(ctx: LearnerContext, cfg: Config, state: PerContextStatTracker) -> dict[str, float]:
     """`inner_epochs` reshuffled passes over the collected batch, one optimizer step per minibatch."""
     return mean_over_steps([train_step(ctx, mb, cfg) for _ in range(cfg.inner_epochs) for mb in ctx.minibatches()])

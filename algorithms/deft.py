@@ -47,22 +47,24 @@ Batch schema (log_variance; from `rlft.rollout` with ROLLOUT_KEYS = ("noise", "b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
-from rlft.algorithms import LearnerContext, mean_over_steps
 from tensordict import TensorDict
 from torch import nn
 
-from rlft.policy import ddim_step
+from rlft.algorithms import LearnerContext, mean_over_steps
+from rlft.core.sampler import ddim_step, predict
+from rlft.core.spec import knob
 
 REQUIRES_STOCHASTIC_SAMPLER = True  # the path density ratio needs transition densities (env.eta > 0)
 REQUIRES_DIFFERENTIABLE_REWARD = True  # the h-net sees the gradient of log p(y | x) (the reward) at x0_hat
+GRADIENT_CHECKPOINTING = False
 # the step noises z_k give the behaviour policy's control (off-policy loss); the base network's predictions are
 # stored too, so passes over the buffer run only the small h-net
 ROLLOUT_KEYS = ("noise", "base_output")
-VARIANTS = ("log_variance", "supervised")
-PAIRS = ("data", "base")  # the supervised variant's pairs: the env's training cases, or the base model's samples
+PREPARE_ACROSS_REPLICAS = ()
 # the h-net's learning rate when algo.lr is null: log-variance starts at the analytic guidance (guidance_init) and
 # only refines it (held-out digits_sr PSNR over three seeds: 20.5-20.7 dB at 3e-4 for 20 epochs, against 19.9-20.2
 # from h = 0 at 1e-3 for 40); score matching starts at h = 0 and does better at 1e-3 (about 0.4 dB over 3e-4)
@@ -70,56 +72,53 @@ DEFAULT_LR = {"log_variance": 3e-4, "supervised": 1e-3}
 
 
 @dataclass
-class DEFTConfig:
-    variant: str = "log_variance"  # "log_variance" (VarGrad on buffered trajectories) or "supervised" (pairs)
-    lr: float | None = None  # AdamW learning rate of the h-net; None: the variant's DEFAULT_LR
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm) before each optimizer step
-    minibatch_size: int = 32  # trajectories per optimizer step (the variance is taken over them)
-    passes: int = 2  # passes over the buffer per epoch (valid off-policy, so reuse is sound)
-    timestep_fraction: float = 1.0  # random share of the stochastic steps that get gradients (per minibatch)
-    always_train_last: int = 2  # the last stochastic steps always get gradients
-    loss_threshold: float = 1.0e5  # samples whose L exceeds this are left out of the variance (reference trick)
-    min_kept_fraction: float = 0.3  # skip the optimizer step when fewer samples than this share survive
-    hnet_channels: list[int] = field(default_factory=lambda: [8, 16])  # h-net UNet levels; [] = s_t g only
-    guidance_init: float = 1.0  # s_t starts at this multiple of the analytic estimate (guidance_estimate); 0: h = 0
-    # lambda: log_variance targets p(x_0) p(y | x_0)^lambda, a posterior sharpened as if sigma_y were sigma_y /
-    # sqrt(lambda); above 1 it trades sample spread for measurement consistency (choose it on training cases)
-    likelihood_weight: float = 1.0
-    supervised_steps: int = 50  # supervised variant: optimizer steps per epoch
-    supervised_batch_size: int = 64  # supervised variant: (x, y, t) triples per optimizer step
-    pairs: str = "data"  # supervised variant: "data" (the env's training cases) or "base" (the base model's samples)
-    base_samples: int = 2048  # pairs="base": samples the frozen base model draws once, each measured anew per draw
+class Config:
+    name: str = knob("deft", "algorithm module in algorithms/")
+    epochs: int = knob(60, "trainer.epochs unless the command line sets it", ge=1)
+    variant: str = knob("log_variance", "log_variance (VarGrad on buffered trajectories) or supervised (score "
+                        "matching on pairs)", choices=("log_variance", "supervised"))  # fmt: skip
+    lr: float | None = knob(None, "AdamW learning rate of the h-net; null: 3e-4 for log_variance, 1e-3 for "
+                            "supervised", gt=0)  # fmt: skip
+    weight_decay: float = knob(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = knob(1.0, "gradient clipping (global L2 norm) before each optimizer step", gt=0)
+    minibatch_size: int = knob(32, "trajectories per optimizer step (the variance is taken over them)", ge=2)
+    passes: int = knob(2, "passes over the buffer per epoch (valid off-policy, so reuse is sound)", ge=1)
+    timestep_fraction: float = knob(1.0, "random share of the stochastic steps that get gradients; the reference's "
+                                    "0.2 saves memory but learned slower here", ge=0, le=1)  # fmt: skip
+    always_train_last: int = knob(2, "the last stochastic steps always get gradients", ge=0)
+    loss_threshold: float = knob(1.0e5, "samples whose L exceeds this are left out of the variance (reference trick)",
+                                 gt=0)  # fmt: skip
+    min_kept_fraction: float = knob(0.3, "skip the optimizer step when fewer samples than this share survive",
+                                    ge=0, le=1)  # fmt: skip
+    hnet_channels: list[int] = knob([8, 16], "h-net UNet levels; [] = s_t g only", ge=1)
+    guidance_init: float = knob(1.0, "log_variance: s_t starts at this multiple of the analytic guidance estimate "
+                                "(0: h = 0, the base model)", ge=0)  # fmt: skip
+    likelihood_weight: float = knob(1.0, "log_variance: lambda, the target is p(x_0) p(y | x_0)^lambda (> 1 sharpens "
+                                    "it, as if sigma_y / sqrt(lambda))", gt=0)  # fmt: skip
+    supervised_steps: int = knob(50, "supervised variant: optimizer steps per epoch", ge=1)
+    supervised_batch_size: int = knob(64, "supervised variant: (x, y, t) triples per optimizer step", ge=1)
+    pairs: str = knob("data", "supervised variant: data (the env's training cases) or base (samples of the frozen "
+                      "base model, measured anew: no ground truth)", choices=("data", "base"))  # fmt: skip
+    base_samples: int = knob(2048, "pairs=base: samples the base model draws once at the start of training", ge=1)
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"algo.variant={self.variant} is not one of {', '.join(VARIANTS)}")
-        if self.likelihood_weight <= 0:
-            raise ValueError(f"algo.likelihood_weight={self.likelihood_weight} must be positive (1: the posterior)")
+        if self.variant not in DEFAULT_LR:  # before DEFAULT_LR[self.variant] below, which would raise a KeyError
+            raise ValueError(f"algo.variant={self.variant} is not one of {', '.join(DEFAULT_LR)}")
         if self.likelihood_weight != 1 and self.variant != "log_variance":
             raise ValueError(f"algo.likelihood_weight={self.likelihood_weight} applies to the log_variance variant; "
                              "score matching learns the posterior of its training pairs (leave it at 1)")
-        if self.pairs not in PAIRS:
-            raise ValueError(f"algo.pairs={self.pairs} is not one of {', '.join(PAIRS)}")
         if self.pairs != "data" and self.variant != "supervised":
             raise ValueError(f"algo.pairs={self.pairs} chooses the supervised variant's training pairs; add "
                              "algo.variant=supervised")  # fmt: skip
-        if self.base_samples < 1:
-            raise ValueError(f"algo.base_samples={self.base_samples} must be positive")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.variant]
-
-
-def uses_rollouts(cfg: DEFTConfig) -> bool:
-    return cfg.variant == "log_variance"  # the supervised variant trains on the env's pairs, without sampling
 
 
 # ---- the h-transform network ----
 class HTransform(nn.Module):
     """h(x_t, t, y) = body([x_t, x0_hat, g / rms(g), log rms(g)], t) + s_t g, g = grad_x log p(y | x) at x0_hat."""
 
-    def __init__(self, sample_shape, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, output_scale: torch.Tensor,
-                 log_likelihood, channels: list[int]):  # fmt: skip
+    def __init__(self, sample_shape, schedule, output_scale: torch.Tensor, log_likelihood, channels: list[int]):
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -133,9 +132,9 @@ class HTransform(nn.Module):
             )  # fmt: skip
             nn.init.zeros_(self.body.conv_out.weight)
             nn.init.zeros_(self.body.conv_out.bias)
-        self.guidance_scale = nn.Parameter(torch.zeros(len(timesteps)))  # s_t, one per sampler step
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)  # [num_train_timesteps]
-        self.register_buffer("timesteps", timesteps.long(), persistent=False)  # [T] the sampler's timesteps
+        self.schedule = schedule.to("cpu")  # the sampler's: its timesteps, and how to read the base network
+        self.guidance_scale = nn.Parameter(torch.zeros(schedule.num_steps))  # s_t, one per sampler step
+        self.register_buffer("timesteps", schedule.timesteps.long().cpu(), persistent=False)  # [T]
         self.register_buffer("output_scale", output_scale.float(), persistent=False)  # [T] see control_units
         self.log_likelihood = log_likelihood  # (x [B, C, H, W], y [B, *m]) -> [B], differentiable in x
 
@@ -149,9 +148,7 @@ class HTransform(nn.Module):
         step = (timestep.view(-1, 1) == self.timesteps.view(1, -1)).float().argmax(1)  # [B] sampler step index
         if not bool((self.timesteps[step] == timestep).all()):
             raise ValueError("the h-net was built for the sampler's timesteps; got a timestep outside the schedule")
-        a_t = self.alphas_cumprod[timestep].view(-1, 1, 1, 1)
-        x_t, eps = x_t.float(), base_output.detach().float()
-        x0_hat = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Tweedie's estimate under the base model
+        _, x0_hat = predict(self.schedule, step.cpu(), base_output.detach(), x_t)  # Tweedie's, under the base model
         gradient = self.likelihood_gradient(x0_hat, context)
         h = self.guidance_scale[step].view(-1, 1, 1, 1) * gradient
         if self.body is not None:
@@ -162,24 +159,20 @@ class HTransform(nn.Module):
         return h * self.output_scale[step].view(-1, 1, 1, 1)
 
 
-def make_correction(cfg: DEFTConfig, env, scheduler_config: dict) -> HTransform:
+def make_correction(cfg: Config, env) -> HTransform:
     """The h-net for `env` (called by rlft.rollout.build_policy on learners and rollout workers alike)."""
-    from diffusers import DDPMScheduler
-
     needs = {"data": "cases", "base": "operator"}[cfg.pairs]  # the base model's pairs need only A and sigma_y
     if cfg.variant == "supervised" and not hasattr(env, needs):
         raise ValueError("algo.variant=supervised trains on (x, y) pairs of an inverse-problem env; use "
                          "env=digits_sr or env=digits_inpaint, or algo.variant=log_variance")  # fmt: skip
-    alphas_cumprod = DDPMScheduler.from_config(dict(scheduler_config)).alphas_cumprod
     weight = cfg.likelihood_weight
 
     def log_likelihood(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return weight * env.reward.fn(x, y)  # the target's log-likelihood: lambda log p(y | x)
+        return weight * env.reward(x, **env.reward_context(y))  # the target's log-likelihood: lambda log p(y | x)
 
     # score matching regresses h in the units of the noise prediction; only the path loss wants control units
     scale = control_units(env.schedule) if cfg.variant == "log_variance" else control_units(env.schedule).sign()
-    correction = HTransform(env.sample_shape, alphas_cumprod, env.schedule.timesteps.cpu(), scale, log_likelihood,
-                            cfg.hnet_channels)  # fmt: skip
+    correction = HTransform(env.sample_shape, env.schedule, scale, log_likelihood, cfg.hnet_channels)
     if cfg.guidance_init and cfg.variant == "log_variance":  # score matching starts at h = 0, as the paper's
         estimate = guidance_estimate(env, weight)
         with torch.no_grad():  # s_t scale_t g = guidance_init * estimate_t g; only the starting point moves
@@ -215,10 +208,10 @@ def control_units(schedule) -> torch.Tensor:
     ~ 1, whose noise is tiny (std ~0.006 for 10 DDIM steps): there one unit of h is a control ~27x that of the other
     steps, so equal optimizer steps on every step's h made that step's control energy, and L, blow up."""
     scale = torch.zeros(schedule.num_steps)
+    schedule = dataclasses.replace(schedule.to("cpu"), prediction_type="epsilon", clip_sample_range=None)
     for k in schedule.stochastic_steps.tolist():
-        eps = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
-        step = ddim_step(eps, torch.zeros_like(eps), schedule.alpha_prod[k].cpu(), schedule.alpha_prod_prev[k].cpu(),
-                         schedule.eta, noise=torch.zeros_like(eps))  # fmt: skip
+        eps = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)  # two noise predictions one unit apart
+        step = ddim_step(schedule, k, eps, torch.zeros_like(eps), noise=torch.zeros_like(eps))
         scale[k] = (step.std[0] / (step.mean[1] - step.mean[0]).abs()).item()
     return scale
 
@@ -260,22 +253,20 @@ def supervised_loss(prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tens
 
 
 # ---- the updates ----
-def optimizer_step(ctx: LearnerContext, cfg: DEFTConfig) -> float:
-    """Average the h-net's gradients over learner replicas, clip, step; returns the gradient norm.
+def optimizer_step(ctx: LearnerContext, cfg: Config) -> dict[str, float]:
+    """Average the h-net's gradients over learner replicas, then clip and step (ctx.optimizer_step).
 
     The log-variance loss sums over all steps of a path before one backward, which DDP's one-forward-one-backward
     hooks do not allow, so the updates call the unwrapped policy and all-reduce the (small) h-net gradients here.
     """
-    parameters = [p for p in ctx.policy.correction.parameters() if p.grad is not None]
     if ctx.world_size > 1:
         import torch.distributed as dist
 
-        for p in parameters:
-            dist.all_reduce(p.grad)
-            p.grad /= ctx.world_size
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm).item()
-    ctx.optimizer.step()
-    return grad_norm
+        for p in ctx.policy.correction.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= ctx.world_size
+    return ctx.optimizer_step(cfg.max_grad_norm)
 
 
 def controls(ctx: LearnerContext, batch: TensorDict, train_steps: set[int]) -> tuple[torch.Tensor, ...]:
@@ -286,12 +277,11 @@ def controls(ctx: LearnerContext, batch: TensorDict, train_steps: set[int]) -> t
     for k in schedule.stochastic_steps.tolist():
         x_t, x_next = latents[:, k], latents[:, k + 1]
         timestep = schedule.timesteps[k].expand(x_t.shape[0])
-        alphas = (schedule.alpha_prod[k], schedule.alpha_prod_prev[k], schedule.eta)
         base_eps = batch["base_output"][:, k].float()
-        base = ddim_step(base_eps, x_t, *alphas, prev_sample=x_next)
+        base = ddim_step(schedule, k, base_eps, x_t, prev_sample=x_next)
         with torch.set_grad_enabled(k in train_steps):
             eps = policy(x_t, timestep, context, base_output=base_eps)
-            mean = ddim_step(eps, x_t, *alphas, prev_sample=x_next).mean
+            mean = ddim_step(schedule, k, eps, x_t, prev_sample=x_next).mean
         std = base.std
         control.append(((mean - base.mean) / std).flatten(1))  # u_k: the mean shift in units of the step noise
         behaviour.append(((x_next.float() - base.mean) / std - batch["noise"][:, k].float()).flatten(1))  # u^b_k
@@ -320,7 +310,7 @@ def measurement_minibatches(ctx: LearnerContext, size: int):
         yield contents[order[i * size : (i + 1) * size]].to(ctx.device)
 
 
-def log_variance_step(ctx: LearnerContext, batch: TensorDict, cfg: DEFTConfig) -> dict[str, float]:
+def log_variance_step(ctx: LearnerContext, batch: TensorDict, cfg: Config) -> dict[str, float]:
     steps = ctx.policy.schedule.stochastic_steps.tolist()
     num_random = round(cfg.timestep_fraction * len(steps))
     order = torch.randperm(len(steps), generator=ctx.generator).tolist()
@@ -331,10 +321,11 @@ def log_variance_step(ctx: LearnerContext, batch: TensorDict, cfg: DEFTConfig) -
     loss, info = log_variance_loss(control, behaviour, noise, log_likelihood, cfg.loss_threshold, groups)
     kept_fraction = info["kept"].float().mean().item()
     ctx.optimizer.zero_grad(set_to_none=True)
-    stepped = kept_fraction >= cfg.min_kept_fraction
+    stepped = all_replicas(ctx, kept_fraction >= cfg.min_kept_fraction)
+    step_metrics = {"train/grad_norm": 0.0, "train/skipped_steps": 0.0}
     if stepped:
         loss.backward()
-        grad_norm = optimizer_step(ctx, cfg)
+        step_metrics = optimizer_step(ctx, cfg)
     # importance weights of the stored paths under the current policy against the one that sampled them:
     # log w = sum_k log N(z_k - (u_k - u^b_k)) - log N(z_k); their effective sample size measures staleness
     shift = (control.detach() - behaviour)
@@ -347,27 +338,38 @@ def log_variance_step(ctx: LearnerContext, batch: TensorDict, cfg: DEFTConfig) -
         "deft/kept_fraction": kept_fraction,
         "deft/buffer_ess_fraction": (1.0 / weights.pow(2).sum()).item() / len(weights),
         "deft/skipped_steps": float(not stepped),
-        "train/grad_norm": grad_norm if stepped else 0.0,
+        **step_metrics,
     }
+
+
+def all_replicas(ctx: LearnerContext, decision: bool) -> bool:
+    """True when the decision holds on every learner replica (they must all step, or none: gradients are
+    all-reduced)."""
+    if ctx.world_size == 1:
+        return decision
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(decision)], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 @torch.no_grad()
 def sample_base(ctx: LearnerContext, n: int, chunk: int = 256) -> torch.Tensor:
     """[n, C, H, W] samples x_0 of the frozen base model with the env's sampler (the h-net left out)."""
-    policy, schedule, env = ctx.policy, ctx.policy.schedule, ctx.env
+    policy, env = ctx.policy, ctx.env
     samples = []
     for start in range(0, n, chunk):
         x = torch.randn((min(chunk, n - start), *env.sample_shape), generator=ctx.generator).to(ctx.device)
-        for k in range(schedule.num_steps):
-            eps = policy.base_forward(x, schedule.timesteps[k].expand(len(x)), None).float()
+        context = torch.zeros(len(x), 0, device=ctx.device)  # unconditional: the base model ignores y
+        for k in range(policy.schedule.num_steps):
             noise = torch.randn(x.shape, generator=ctx.generator).to(ctx.device)
-            step = ddim_step(eps, x, schedule.alpha_prod[k], schedule.alpha_prod_prev[k], schedule.eta, noise=noise)
-            x = step.prev_sample
+            x = policy.step(x, k, context, noise=noise, reference=True).prev_sample
         samples.append(x)
     return torch.cat(samples)
 
 
-def training_pairs(ctx: LearnerContext, cfg: DEFTConfig, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def training_pairs(ctx: LearnerContext, cfg: Config, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 [n, C, H, W] and y [n, *m]: rows of the env's training cases, or base-model samples measured anew."""
     n = cfg.supervised_batch_size
     if cfg.pairs == "data":
@@ -382,7 +384,7 @@ def training_pairs(ctx: LearnerContext, cfg: DEFTConfig, state: dict) -> tuple[t
     return x0, clean + ctx.env.sigma_y * torch.randn(clean.shape, generator=ctx.generator).to(ctx.device)
 
 
-def supervised_step(ctx: LearnerContext, cfg: DEFTConfig, state: dict) -> dict[str, float]:
+def supervised_step(ctx: LearnerContext, cfg: Config, state: dict) -> dict[str, float]:
     policy, schedule = ctx.policy, ctx.policy.schedule
     n = cfg.supervised_batch_size
     x0, y = training_pairs(ctx, cfg, state)
@@ -397,26 +399,46 @@ def supervised_step(ctx: LearnerContext, cfg: DEFTConfig, state: dict) -> dict[s
     loss = supervised_loss(policy(x_t, timestep, y, base_output=base_eps), noise)
     ctx.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    return {"loss/score_matching": loss.item(), "train/grad_norm": optimizer_step(ctx, cfg)}
+    return {"loss/score_matching": loss.item(), **optimizer_step(ctx, cfg)}
 
 
-# ---- the learner-side interface (see algorithms/__init__.py) ----
-Config = DEFTConfig
+# ---- the learner-side interface (see rlft.algorithms.Algorithm) ----
+def uses_rollouts(cfg: Config) -> bool:
+    return cfg.variant == "log_variance"  # the supervised variant trains on the env's pairs, without sampling
 
 
-def make_state(cfg: DEFTConfig) -> dict:
+def reference_roles(cfg: Config) -> tuple[str, ...]:
+    return ()  # the base network under the h-net is frozen anyway
+
+
+def validate(spec) -> list[str]:
+    if spec.env.kind == "stable_diffusion":
+        return ["algo=deft trains a small h-transform beside a frozen pixel-space DDPM (conditioned on a measurement "
+                "or a reward); env=sd15 is a latent text-to-image model: use algo=ddpo, draft or adjoint_matching"]
+    if spec.algo.variant == "supervised" and spec.env.kind != "inverse":
+        return [f"algo.variant=supervised trains on (x, y) pairs of an inverse-problem env, and env={spec.env.name} "
+                "has none: use env=digits_sr or env=digits_inpaint, or algo.variant=log_variance"]
+    return []
+
+
+def make_state(cfg: Config) -> dict:
     return {}  # pairs="base" keeps its base-model samples here ("base_samples"); nothing else beyond the h-net
 
 
-def prepare(batch: TensorDict, cfg: DEFTConfig, state: dict) -> tuple[TensorDict, dict]:
+def postprocess_rollout(worker, batch: TensorDict, cfg: Config) -> TensorDict:
+    return batch
+
+
+def prepare(batch: TensorDict, cfg: Config, state: dict) -> tuple[TensorDict, dict]:
     return batch, {}
 
 
-def update(ctx: LearnerContext, cfg: DEFTConfig, state: dict) -> dict[str, float]:
+def update(ctx: LearnerContext, cfg: Config, state: dict) -> dict[str, float]:
     """log_variance: `passes` reshuffled passes over the buffer (stale trajectories included); supervised:
     `supervised_steps` optimizer steps on fresh (x, y, t) triples."""
     if cfg.variant == "supervised":
         return mean_over_steps([supervised_step(ctx, cfg, state) for _ in range(cfg.supervised_steps)])
+
     def minibatches():
         return measurement_minibatches(ctx, cfg.minibatch_size) if per_measurement(ctx) else ctx.minibatches()
 

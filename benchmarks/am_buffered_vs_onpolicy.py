@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlft.config import compose, to_container, validate
+from rlft.config import compose, validate
 from rlft.learner import Learner
 from rlft.rollout import RolloutWorker, derive_seed
 
@@ -35,16 +35,15 @@ def run_variant(name: str, passes: int, args) -> dict:
         f"ray.rollout_threads={args.threads}", f"ray.learner_threads={args.threads}", "logging.wandb=disabled",
         f"seed={args.seed}", *args.override,
     ]  # fmt: skip
-    composed = compose("config", overrides)
-    validate(composed)
-    cfg = to_container(composed)
+    cfg = compose(overrides)
+    validate(cfg)
     device = torch.device(args.device)
     worker, learner = RolloutWorker(cfg), Learner(cfg, device)
     trained_s, rollout_evals, samples, epoch = 0.0, 0.0, 0, 0
     curve = []
 
     def evaluate() -> dict:
-        metrics = worker.evaluate(learner.policy_version, cfg["eval"]["seed"], cfg["eval"]["num_samples"])["metrics"]
+        metrics = worker.evaluate(learner.policy_version, cfg.eval.seed, cfg.eval.num_samples)["metrics"]
         point = {"epoch": epoch, "samples": samples, "trained_s": trained_s,
                  "network_evals": rollout_evals + learner.state.train_network_evals, **metrics}  # fmt: skip
         curve.append(point)

@@ -18,6 +18,7 @@ benchmarks/results/ddpo_pipeline.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -28,10 +29,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # the same OpenMP spin setting as the Ray workers get (rlft/pipeline.py), so both arms run alike
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from rlft.config import compose, to_container, validate  # noqa: E402
+from rlft.config import compose, validate  # noqa: E402
 
 
-def measure(cfg: dict, use_ray: bool) -> dict:
+def measure(cfg, use_ray: bool) -> dict:
     from rlft.pipeline import run_local, run_with_ray
 
     epochs: list[dict] = []
@@ -53,7 +54,7 @@ def measure(cfg: dict, use_ray: bool) -> dict:
     epoch_s = statistics.median(steady)
     return {
         "epoch_s_median": epoch_s,
-        "samples_per_s": cfg["trainer"]["samples_per_epoch"] / epoch_s,
+        "samples_per_s": cfg.trainer.samples_per_epoch / epoch_s,
         "collect_s_median": statistics.median(m["perf/collect_s"] for m in epochs[1:] or epochs),
         "update_s_median": statistics.median(m["perf/update_s"] for m in epochs[1:] or epochs),
         "update_preemptions_median": statistics.median(m["perf/update_preemptions"] for m in epochs[1:] or epochs),
@@ -70,19 +71,19 @@ def main() -> None:
     args = parser.parse_args()
     overrides = [f"trainer.epochs={args.epochs}", f"eval.every={args.epochs + 1}", "logging.wandb=disabled",
                  *args.overrides]  # fmt: skip
-    cfg = compose("config", overrides)
+    cfg = compose(overrides)
     validate(cfg)
-    plain_cfg = to_container(cfg)
     learners = os.cpu_count() or 1
     minibatch = cfg.algo.minibatch_size
     if minibatch % learners:
         parser.error(f"algo.minibatch_size={minibatch} must split evenly over {learners} learners (one per core)")
     ddp_overrides = [f"ray.num_learners={learners}", f"algo.minibatch_size={minibatch // learners}"]
-    ddp_cfg = compose("config", [*overrides, *ddp_overrides])
+    ddp_cfg = compose([*overrides, *ddp_overrides])
     validate(ddp_cfg)
-    results = {"plain": measure({**plain_cfg, "ray": {**plain_cfg["ray"], "enabled": False}}, use_ray=False)}
-    results["ray"] = measure(plain_cfg, use_ray=True)
-    results["ray_ddp"] = measure(to_container(ddp_cfg), use_ray=True)
+    results = {"plain": measure(dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, enabled=False)),
+                                use_ray=False)}  # fmt: skip
+    results["ray"] = measure(cfg, use_ray=True)
+    results["ray_ddp"] = measure(ddp_cfg, use_ray=True)
     ratios = {arm: results[arm]["samples_per_s"] / results["plain"]["samples_per_s"] for arm in ("ray", "ray_ddp")}
 
     print(f"\nDDPO epoch, {cfg.env.name} / {cfg.reward.name}: {cfg.trainer.samples_per_epoch} trajectories x "

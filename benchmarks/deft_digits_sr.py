@@ -26,6 +26,7 @@ Prints a table and writes benchmarks/results/deft_digits_sr.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -33,20 +34,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from rlft.algorithms import deft
-from rlft.envs.inverse import psnr
 from tensordict import TensorDict
 
-from rlft.config import compose, to_container, validate
+from rlft.algorithms import deft
+from rlft.config import compose, validate
+from rlft.envs.inverse import psnr
 from rlft.learner import train
-from rlft.rollout import RolloutGroup, RolloutWorker, build_eval_env, local_call
+from rlft.rollout import RolloutGroup, RolloutWorker, derive_seed, local_call
 
 RESULTS = Path(__file__).parent / "results"
 SUPERVISED_STEPS_PER_EPOCH = 20  # DEFT supervised: optimizer steps per epoch of the learner loop
 
 
-def run_config(algo: str, args, *extra: str) -> dict:
-    cfg = compose("config", [
+def run_config(algo: str, args, *extra: str):
+    spec = compose([
         f"algo={algo}", "env=digits_sr", f"env.num_inference_steps={args.steps}", f"device={args.device}",
         f"trainer.rollout_batch_size={args.batch}", f"trainer.samples_per_epoch={args.batch * 2}",
         f"eval.num_samples={args.eval_samples}", "ray.enabled=false", "logging.wandb=disabled",
@@ -54,8 +55,8 @@ def run_config(algo: str, args, *extra: str) -> dict:
         f"ray.learner_threads={args.threads or 'null'}", f"algo.minibatch_size={args.batch}",
         *extra,
     ])  # fmt: skip
-    validate(cfg)
-    return to_container(cfg)
+    validate(spec)
+    return spec
 
 
 def describe(env, images: torch.Tensor, context: torch.Tensor) -> dict:
@@ -86,12 +87,14 @@ def paired(a: list[float], b: list[float]) -> dict[str, float]:
 
 def dps_sample(worker: RolloutWorker, env, seed: int, zeta: float,
                batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """DPS on the base model: after each DDIM step, x_{t-1} -= zeta * grad_{x_t} ||y - A(x0_hat(x_t))|| ."""
+    """DPS on the base model: after each DDIM step, x_{t-1} -= zeta * grad_{x_t} ||y - A(x0_hat(x_t))|| . The initial
+    noise, the cases and the step noise of `seed` are those of a rollout worker's batch of that seed."""
     policy, schedule = worker.policy, env.schedule
     obs, _ = env.reset(seed=seed, options={"batch_index": batch_index})
+    generator = torch.Generator().manual_seed(derive_seed(seed, 1))  # the step-noise stream of RolloutWorker._rollout
     x, y = obs["x_t"], obs["context"]
     for k in range(schedule.num_steps):
-        noise = torch.randn(x.shape, generator=env.generator).to(x.device)
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
         x = x.detach().requires_grad_(True)
         timestep = schedule.timesteps[k].expand(x.shape[0])
         eps = policy.base_forward(x, timestep, y)
@@ -108,7 +111,7 @@ def dps_sample(worker: RolloutWorker, env, seed: int, zeta: float,
 def dps_metrics(worker, env, seed: int, zeta: float, n: int) -> dict[str, float]:
     images, contexts = [], []
     for chunk in range(n // env.num_envs):
-        x, y = dps_sample(worker, env, seed + chunk, zeta, chunk)
+        x, y = dps_sample(worker, env, derive_seed(seed, chunk), zeta, chunk)  # the chunks' seeds of a collect
         images.append(x)
         contexts.append(y)
     return describe(env, torch.cat(images), torch.cat(contexts))
@@ -132,7 +135,7 @@ def path_objective(worker: RolloutWorker, batch: TensorDict, likelihood_weight: 
     return {"path_objective": info["objective"].mean().item(), "control_energy": energy.mean().item()}
 
 
-def train_deft(cfg: dict, device: torch.device) -> tuple[RolloutWorker, float, list[dict]]:
+def train_deft(cfg, device: torch.device) -> tuple[RolloutWorker, float, list[dict]]:
     """The `python -m rlft.run ray.enabled=false` loop; returns an evaluation worker holding the final h-net."""
     worker = RolloutWorker(cfg)
     history: list[dict] = []
@@ -184,8 +187,8 @@ def main() -> None:
     tuning = {z: dps_metrics(base, train_env, 99, z, args.dps_tune_samples)["psnr"]
               for z in map(float, args.zetas.split(","))}  # fmt: skip
     zeta = max(tuning, key=tuning.get)
-    rows[f"DPS (zeta={zeta:g})"] = {**dps_metrics(base, build_eval_env(base_cfg, base.env), args.eval_seed, zeta,
-                                                 args.eval_samples), "train_s": 0.0, "trainable_params": 0}  # fmt: skip
+    rows[f"DPS (zeta={zeta:g})"] = {**dps_metrics(base, base.eval_env, args.eval_seed, zeta, args.eval_samples),
+                                    "train_s": 0.0, "trainable_params": 0}  # fmt: skip
 
     lv_overrides = [f"trainer.epochs={args.epochs}", "trainer.max_staleness=1", "trainer.lr_schedule=cosine",
                     f"trainer.buffer_capacity={args.batch * 4}", f"eval.every={args.epochs}"]  # fmt: skip
@@ -208,8 +211,8 @@ def main() -> None:
                                 f"eval.every={epochs}")  # fmt: skip
     deft_runs = [best_lv]
     for name, pairs in (("DEFT supervised", "data"), ("DEFT supervised on base-model pairs", "base")):
-        algo = {**supervised_cfg["algo"], "pairs": pairs, "base_samples": args.base_samples}
-        worker, seconds, history = train_deft({**supervised_cfg, "algo": algo}, device)
+        algo = dataclasses.replace(supervised_cfg.algo, pairs=pairs, base_samples=args.base_samples)
+        worker, seconds, history = train_deft(dataclasses.replace(supervised_cfg, algo=algo), device)
         deft_runs.append((name, worker, seconds, history, 1.0, held_out(worker, args)))
     histories = {}
     for name, worker, seconds, history, weight, (metrics, paths) in deft_runs:
@@ -218,7 +221,7 @@ def main() -> None:
         rows[name] = {**metrics, **path_objective(worker, paths, weight), "train_s": seconds,
                       "trainable_params": h_params}  # fmt: skip
 
-    print(f"\n4x super-resolution of held-out digits, sigma_y = {base_cfg['env']['sigma_y']}, {args.steps} DDIM steps "
+    print(f"\n4x super-resolution of held-out digits, sigma_y = {base_cfg.env.sigma_y}, {args.steps} DDIM steps "
           f"(eta = 1), {args.eval_samples} samples over {-(-args.eval_samples // 6)} cases; base model {base_params:,} "
           f"parameters; device {args.device}")  # fmt: skip
     print("| method | PSNR (dB) | PSNR of case mean (dB) | sample spread | measurement error RMS | train s | "
@@ -241,7 +244,7 @@ def main() -> None:
               f"{c['mean_db'] / c['standard_error_db']:.1f}), better on {c['better_cases']} of {c['cases']} cases")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "task": "digits 4x super-resolution, held-out split", "sigma_y": base_cfg["env"]["sigma_y"],
+        "task": "digits 4x super-resolution, held-out split", "sigma_y": base_cfg.env.sigma_y,
         "sampling_steps": args.steps, "eval_samples": args.eval_samples, "device": args.device,
         "base_params": base_params, "dps_zeta_tuning_psnr_on_train": tuning, "lv_likelihood_weight_tuning": lv_tuning,
         "methods": rows, "paired_psnr": comparisons,

@@ -35,22 +35,22 @@ def peak_mb(device) -> float:
 
 def child(k: int, checkpointing: bool, batch: int, steps: int, threads: int, device_name: str) -> dict:
     import torch
-    from rlft.algorithms import draft
 
-    from rlft.config import compose, to_container
+    from rlft.algorithms import draft
+    from rlft.config import compose
     from rlft.learner import Learner
 
-    cfg = to_container(compose("config", [
+    cfg = compose([
         "algo=draft", f"algo.k={k}", f"policy.gradient_checkpointing={checkpointing}", f"device={device_name}",
         f"trainer.rollout_batch_size={batch}", f"ray.rollout_threads={threads}", f"ray.learner_threads={threads}",
         "logging.wandb=disabled",
-    ]))  # fmt: skip
+    ])  # fmt: skip
     device = torch.device(device_name)
     learner = Learner(cfg, device)
     ctx, algo = learner.ctx, learner.algo
     with torch.no_grad():  # a no-grad pass first, so the baseline peak includes sampling's own buffers
         obs, _ = ctx.env.reset(seed=0)
-        draft.sample(ctx.network, draft.deterministic(ctx.policy.schedule), obs["x_t"], obs["context"], None)
+        draft.sample(ctx, obs["x_t"], obs["context"], None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     before = peak_mb(device)

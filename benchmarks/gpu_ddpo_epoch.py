@@ -13,7 +13,7 @@ arms run rlft's own `DiffusionPolicy.step` and `rlft.algorithms.ddpo.train_step`
            sampling batches of 96, and 7 timesteps of each trajectory stacked into one training call
            (algo.timesteps_per_forward: the same gradient as one call per timestep) on minibatches of 4,
            so every network call in training sees 28 samples
-    rlft+fused (GPU only): rlft with policy.fused_norm_silu (group norm + SiLU through rlft/group_norm_silu.py)
+    rlft+fused (GPU only): rlft with policy.fused_norm_silu (group norm + SiLU through rlft/kernels/group_norm_silu.py)
 
 `--arms` picks the arms and their order (default: plain and rlft+fused on a GPU, plain and rlft on CPU); each runs
 after the last, so they never share the card.
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from rlft.algorithms import LearnerContext, ddpo
-from rlft.envs.schedule import DDIMSchedule
 from tensordict import TensorDict
 
+from rlft.algorithms import LearnerContext, ddpo
+from rlft.core.schedule import DDIMSchedule
 from rlft.policy import DiffusionPolicy
 
 CELEBAHQ_UNET = dict(  # shared/reference/performance.md: 113.7 M parameters, ~497 GFLOP per forward per sample
@@ -190,14 +190,15 @@ def run_arm(name: str, policy: DiffusionPolicy, samples: int, sample_batch: int,
             device: torch.device, flops_per_forward: float, peak: float | None,
             timesteps_per_forward: int = 1) -> tuple[dict, dict]:  # fmt: skip
     """The arm's epoch timings, and its sampling and training calls (to profile after the timings are saved)."""
-    cfg = ddpo.DDPOConfig(minibatch_size=train_batch, timesteps_per_forward=timesteps_per_forward)
+    # kl_weight=0: the plain loop it is measured against is DDPO's update without the KL to a reference model
+    cfg = ddpo.Config(minibatch_size=train_batch, timesteps_per_forward=timesteps_per_forward, kl_weight=0.0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, fused=device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(0)
     ctx = LearnerContext(policy, policy, optimizer, None, None, torch.Generator().manual_seed(0), device)
     trained_steps = len(policy.schedule.stochastic_steps)
     # exactly one training call's worth of timesteps, for the warm-up and the profile
-    one_call = ddpo.DDPOConfig(timestep_fraction=timesteps_per_forward / trained_steps,
-                               timesteps_per_forward=timesteps_per_forward)  # fmt: skip
+    one_call = ddpo.Config(timestep_fraction=timesteps_per_forward / trained_steps,
+                           timesteps_per_forward=timesteps_per_forward, kl_weight=0.0)  # fmt: skip
 
     # warm-up (compilation, cuDNN autotuning): one sampling batch, one training step of one call
     warm = sample(policy, sample_batch, generator, device)

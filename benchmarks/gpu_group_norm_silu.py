@@ -1,5 +1,5 @@
 """Group norm + SiLU on the celebahq-256 UNet's activations: inductor's compiled kernels against rlft's Triton kernels
-(`rlft/group_norm_silu.py`) and against the memory floor, side by side in one run.
+(`rlft/kernels/group_norm_silu.py`) and against the memory floor, side by side in one run.
 
     python benchmarks/gpu_group_norm_silu.py          # on a GPU (~2-3 min, compiles included)
     python benchmarks/gpu_group_norm_silu.py --tiny   # CPU smoke test: the Triton interpreter, eager reference
@@ -10,7 +10,7 @@ norm) at the training call's batch, x in bf16 and NHWC as the fast path runs the
 
     eager:    silu(group_norm(x.float())).to(bf16), PyTorch's own kernels, forward and forward + backward
     inductor: torch.compile of the same (GPU only), as the compiled network runs it without rlft's kernels
-    rlft:     rlft.group_norm_silu (4 Triton kernels and small [N, C] tensors in between)
+    rlft:     rlft.kernels.group_norm_silu (4 Triton kernels and small [N, C] tensors in between)
     floor:    the bytes each pass must move (forward: read x, write y; + backward: read x and dy, write dx) at the
               device-to-device copy bandwidth measured in the same run
 
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/gpu_group_norm_silu.json", help="where the JSON goes")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
-    from rlft.group_norm_silu import group_norm_silu
+    from rlft.kernels.group_norm_silu import group_norm_silu
 
     unet_config, batch, reps = (TINY_UNET, 2, 2) if args.tiny else (CELEBAHQ_UNET, args.batch, args.reps)
     shapes = norm_silu_shapes(unet_config)

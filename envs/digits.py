@@ -75,15 +75,17 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(images))  # logits [B, 10]
 
 
+def missing_classifier(path: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"digit classifier weights not found at {path}; train them with "
+                             "`python -m rlft.pretrain env=digits pretrain.models=[classifier]`")
+
+
 def load_classifier(path: str | Path = CLASSIFIER_PATH, device: str | torch.device = "cpu") -> DigitClassifier:
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(
-            f"digit classifier weights not found at {path}; train them with "
-            "`python -m rlft.pretrain env=digits pretrain.models=[classifier]`"
-        )
+        raise missing_classifier(path)
     model = DigitClassifier()
     model.load_state_dict(load_file(str(path)))
     return model.to(device).eval().requires_grad_(False)

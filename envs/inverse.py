@@ -18,8 +18,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+
+from rlft.core.spec import knob
 from rlft.envs.denoising import DenoisingEnv
-from rlft.envs.rewards import Reward, register_reward
+from rlft.envs.rewards import Accepts, Reward, RewardConfig, register_reward
 
 SAMPLES_PER_CASE = 6  # evaluation panel rows: measurement, 6 samples, ground truth (8 columns)
 
@@ -86,16 +88,23 @@ def measurement_log_likelihood(operator, sigma_y: float, x: torch.Tensor, y: tor
     return -residual.pow(2).flatten(1).sum(1) / (2 * sigma_y**2)
 
 
-@register_reward("measurement")
-def measurement(
-    device: str | torch.device = "cpu", operator: str = "sr", scale: int = 4, hole_fraction: float = 0.5,
-    sigma_y: float = 0.05,
-) -> Reward:  # fmt: skip
-    """The measurement log-likelihood -|A(x_0) - y|^2 / (2 sigma_y^2), with y the context; differentiable."""
-    if sigma_y <= 0:
-        raise ValueError(f"reward.sigma_y must be positive (the measurement noise level), got {sigma_y}")
-    forward = make_operator(operator, scale, hole_fraction)
-    return Reward("measurement", lambda images, y: measurement_log_likelihood(forward, sigma_y, images, y), True)
+@register_reward
+@dataclass
+class MeasurementReward(RewardConfig):
+    """The measurement log-likelihood -|A(x_0) - y|^2 / (2 sigma_y^2) of an inverse-problem env; differentiable. A and
+    sigma_y come from the env with y (the reward keywords measurement=, operator=, sigma_y=)."""
+
+    name: str = knob("measurement", "reward registry key (reward=<name>)")
+
+    def accepts(self) -> Accepts:
+        return Accepts(needs=("measurement",), differentiable=True)
+
+    def build(self, device: str | torch.device = "cpu") -> Reward:
+        def log_likelihood(images: torch.Tensor, measurement: torch.Tensor, operator, sigma_y: float,
+                           **_) -> torch.Tensor:  # fmt: skip
+            return measurement_log_likelihood(operator, sigma_y, images, measurement)
+
+        return Reward(self.name, log_likelihood, True)
 
 
 @dataclass
@@ -155,8 +164,13 @@ class InverseProblemEnv(DenoisingEnv):
         self.cases = cases
         self.batch_index = 0  # evaluation: which batch of the fixed cases the next reset gives (reset's options)
         sampler = self._evaluation_contexts if evaluation else partial(cases.sample, repeats=samples_per_case)
-        super().__init__(*args, context_sampler=sampler, context_shape=tuple(cases.measurements.shape[1:]), **kwargs)
+        super().__init__(*args, context_sampler=sampler, context_shape=tuple(cases.measurements.shape[1:]),
+                         reward_context=self.measurement_context, **kwargs)  # fmt: skip
         self.operator, self.sigma_y, self.samples_per_case = operator, sigma_y, samples_per_case
+
+    def measurement_context(self, context: torch.Tensor) -> dict:
+        """The reward's keywords: the measurement y, the forward operator A and the noise level sigma_y."""
+        return {"measurement": context, "operator": self.operator, "sigma_y": self.sigma_y}
 
     def _evaluation_contexts(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return self.cases.fixed(n, generator, offset=self.batch_index * n)
@@ -197,5 +211,5 @@ class InverseProblemEnv(DenoisingEnv):
             metrics["psnr_of_case_mean"] = torch.cat(mean_psnrs).mean().item()  # PSNR of each case's sample mean
             metrics["sample_spread"] = torch.stack(spreads).mean().item()  # RMS of the per-pixel sample std (n - 1)
         panel = torch.cat(rows)  # [cases * (SAMPLES_PER_CASE + 2), C, H, W]: measurement, samples, ground truth
-        return {**self.reward.describe(images), **metrics, "panel": panel}
+        return {**self.reward.describe(images, **self.reward_context(context)), **metrics, "panel": panel}
 

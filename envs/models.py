@@ -6,13 +6,13 @@ a local folder nor in the HF cache and the Hub cannot be reached (or HF_HUB_OFFL
 model id, the config key that points at it, and the three ways to provide it.
 
 `check_available` is the cheap form used before Ray starts: it fetches (or finds in the cache) one small config
-file of the model, so a missing model stops the run in the driver instead of inside a Ray actor.
+file of the model, so a missing model stops the run in the driver instead of inside a Ray actor; `revision` pins a
+Hub model to a branch, tag or commit.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +43,17 @@ def unavailable(model_id: str, what: str, config_key: str, cause: BaseException 
     )
 
 
-def check_available(model_id: str, filename: str, what: str, config_key: str, subfolder: str | None = None) -> None:
+def resolve(model_id: str) -> str:
+    """A model spec as diffusers / transformers take it: "builtin:digits" is the shipped folder."""
+    if model_id == "builtin:digits":
+        from rlft.envs.digits import BASE_MODEL_DIR
+
+        return str(BASE_MODEL_DIR)
+    return model_id
+
+
+def check_available(model_id: str, filename: str, what: str, config_key: str, subfolder: str | None = None,
+                    revision: str | None = None) -> None:  # fmt: skip
     """Raise `ModelUnavailableError` unless `filename` of `model_id` is in a local folder, the HF cache or the Hub."""
     local = Path(model_id).expanduser()
     if local.is_dir():
@@ -51,97 +61,120 @@ def check_available(model_id: str, filename: str, what: str, config_key: str, su
         if not path.exists():
             raise unavailable(model_id, what, config_key, f"{path} is missing")
         return
+    import logging
+
     from huggingface_hub import hf_hub_download
 
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings; the error below says it all
     try:
-        hf_hub_download(repo_id=model_id, filename=filename, subfolder=subfolder)
+        hf_hub_download(repo_id=model_id, filename=filename, subfolder=subfolder, revision=revision)
     except Exception as error:  # offline, unreachable, unknown repo, malformed id: all mean "not available"
         raise unavailable(model_id, what, config_key, error) from error
 
 
-def from_pretrained(cls, model_id: str, what: str, config_key: str, **kwargs):
+def check_weights(folder: Path, what: str, config_key: str, model_id: str) -> None:
+    """A local model folder holds a weights file whose header parses (a missing or truncated file is named here,
+    before anything starts, instead of failing inside a worker)."""
+    candidates = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not candidates:
+        raise unavailable(model_id, what, config_key, f"{folder} holds no weights file (*.safetensors or *.bin)")
+    for file in candidates:
+        if file.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:  # safe_open checks that the header's tensors cover the file exactly: a truncation fails here
+                with safe_open(str(file), framework="pt") as weights:
+                    weights.keys()
+            except (SafetensorError, OSError) as error:
+                raise unavailable(model_id, what, config_key, f"{file} is damaged or truncated ({error})") from None
+
+
+def from_pretrained(cls, model_id: str, what: str, config_key: str, revision: str | None = None, **kwargs):
     """`cls.from_pretrained(model_id, **kwargs)`, with the explanatory error when the files are not to be had."""
     try:
-        return cls.from_pretrained(model_id, **kwargs)
+        return cls.from_pretrained(resolve(model_id), revision=revision, **kwargs)
     except (OSError, ValueError) as error:  # what diffusers/transformers raise for missing files or repos
         raise unavailable(model_id, what, config_key, error) from error
-
-
-def is_stable_diffusion(env_cfg: dict) -> bool:
-    return env_cfg.get("model_type", "ddpm") == "stable_diffusion"
 
 
 # ---------------------------------------------------------------- base DDPMs (google/ddpm-*, rlft.pretrain folders)
 
 
-def load_ddpm(model_id: str, config_key: str = "env.base_model") -> tuple[nn.Module, dict]:
+def check_ddpm(model_id: str, revision: str | None = None, config_key: str = "env.base_model") -> None:
+    """The cheap availability check of a base DDPM, for the driver before Ray starts: its configs (and, for a local
+    folder, a readable weights file)."""
+    if model_id.startswith("builtin:"):
+        folder = Path(resolve(model_id))
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"the shipped digits DDPM is missing from {folder}; train it with "
+                                    "`python -m rlft.pretrain env=digits`")  # fmt: skip
+        return
+    check_available(model_id, "config.json", "base DDPM", config_key, revision=revision)
+    check_available(model_id, "scheduler_config.json", "base DDPM's scheduler", config_key, revision=revision)
+    if Path(model_id).expanduser().is_dir():
+        check_weights(Path(model_id).expanduser(), "base DDPM", config_key, model_id)
+
+
+def load_ddpm(model_id: str, config_key: str = "env.base_model", revision: str | None = None) -> tuple[nn.Module, dict]:
     """An unconditional base DDPM: (diffusers UNet2DModel, its scheduler config as a dict)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    unet = from_pretrained(UNet2DModel, model_id, "base DDPM", config_key)
-    scheduler = from_pretrained(DDPMScheduler, model_id, "base DDPM's scheduler", config_key)
+    unet = from_pretrained(UNet2DModel, model_id, "base DDPM", config_key, revision)
+    scheduler = from_pretrained(DDPMScheduler, model_id, "base DDPM's scheduler", config_key, revision)
     return unet, dict(scheduler.config)
 
 
-def load_ddpm_configs(model_id: str, config_key: str = "env.base_model") -> tuple[dict, dict]:
+def load_ddpm_configs(model_id: str, revision: str | None = None,
+                      config_key: str = "env.base_model") -> tuple[dict, dict]:  # fmt: skip
     """The UNet and scheduler configs of a base DDPM, without its weights (shapes and noise schedule)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     try:
-        return dict(UNet2DModel.load_config(model_id)), dict(DDPMScheduler.load_config(model_id))
+        spec = resolve(model_id)
+        return (dict(UNet2DModel.load_config(spec, revision=revision)),
+                dict(DDPMScheduler.load_config(spec, revision=revision)))  # fmt: skip
     except (OSError, ValueError) as error:
         raise unavailable(model_id, "base DDPM", config_key, error) from error
 
 
 # ---------------------------------------------------------------- Stable Diffusion (diffusers layout, by component)
 
-SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_COMPONENTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                 "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}  # fmt: skip
 
 
-@dataclass
-class StableDiffusionParts:
-    """The parts of a diffusers Stable Diffusion folder that fine-tuning uses (no safety checker, no pipeline)."""
-
-    unet: nn.Module  # UNet2DConditionModel: the policy network
-    vae: nn.Module  # AutoencoderKL: latents -> images before the reward
-    text_encoder: nn.Module  # CLIPTextModel: prompts -> the context (encoder hidden states)
-    tokenizer: object  # CLIPTokenizer
-    scheduler_config: dict
-
-
-def load_stable_diffusion(model_id: str, config_key: str = "env.base_model") -> StableDiffusionParts:
-    """Each component from its subfolder of `model_id` (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    def part(cls, subfolder: str, **kwargs):
+def check_stable_diffusion(model_id: str, revision: str | None = None, config_key: str = "env.base_model") -> None:
+    """Every component's config file (and, for a local folder, the UNet's, VAE's and text encoder's weights)."""
+    for subfolder, filename in SD_COMPONENTS.items():
         what = f"Stable Diffusion {subfolder}"
-        return from_pretrained(cls, model_id, what, config_key, subfolder=subfolder, **kwargs)
-
-    return StableDiffusionParts(
-        unet=part(UNet2DConditionModel, "unet"),
-        vae=part(AutoencoderKL, "vae"),
-        text_encoder=part(CLIPTextModel, "text_encoder"),
-        tokenizer=part(CLIPTokenizer, "tokenizer"),
-        scheduler_config=dict(part(DDIMScheduler, "scheduler").config),
-    )
+        check_available(model_id, filename, what, config_key, subfolder=subfolder, revision=revision)
+        local = Path(model_id).expanduser() / subfolder
+        if local.is_dir() and subfolder in ("unet", "vae", "text_encoder"):
+            check_weights(local, what, config_key, model_id)
 
 
-def check_base_model(env_cfg: dict, config_key: str = "env.base_model") -> None:
-    """The cheap availability check of the env's base model, for the driver before Ray starts."""
-    spec = env_cfg["base_model"]
-    if spec is None:
-        raise ValueError(f"env={env_cfg['name']} needs a base model: set {config_key}=<Hub id or folder>")
-    if str(spec).startswith("builtin:"):
-        return  # the shipped weights; their loader explains how to rebuild them
-    if is_stable_diffusion(env_cfg):
-        for subfolder in SD_COMPONENTS:
-            name = "tokenizer_config.json" if subfolder == "tokenizer" else (
-                "scheduler_config.json" if subfolder == "scheduler" else "config.json")  # fmt: skip
-            check_available(spec, name, f"Stable Diffusion {subfolder}", config_key, subfolder=subfolder)
-    else:
-        check_available(spec, "config.json", "base DDPM", config_key)
-        check_available(spec, "scheduler_config.json", "base DDPM's scheduler", config_key)
+def load_sd_config(model_id: str, subfolder: str, revision: str | None = None,
+                   config_key: str = "env.base_model") -> dict:  # fmt: skip
+    """A component's config (vae/config.json, scheduler/scheduler_config.json, ...) without its weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "scheduler": DDIMScheduler}[subfolder]
+    try:
+        return dict(cls.load_config(model_id, subfolder=subfolder, revision=revision))
+    except (OSError, ValueError) as error:
+        raise unavailable(model_id, f"Stable Diffusion {subfolder}", config_key, error) from error
+
+
+def load_sd_part(cls, model_id: str, subfolder: str, revision: str | None = None,
+                 config_key: str = "env.base_model"):  # fmt: skip
+    """One component of a diffusers Stable Diffusion folder (no safety checker, no pipeline)."""
+    return from_pretrained(cls, model_id, f"Stable Diffusion {subfolder}", config_key, revision, subfolder=subfolder)
+
+
+def load_sd_unet(model_id: str, revision: str | None = None) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return load_sd_part(UNet2DConditionModel, model_id, "unet", revision)
 
 
 # ---------------------------------------------------------------- image preprocessing for transformers backbones

@@ -1,75 +1,172 @@
-"""Reward registry: name -> factory. A reward maps images in [-1, 1] ([B, C, H, W]) and contexts to [B] floats.
+"""Rewards: each one a config dataclass (its keys, what it accepts, how to build it) and the `Reward` it builds.
 
-Every call goes through `evaluate_reward`, which checks the shape and dtype (a wrong one raises an error naming
-the reward and the shapes) and returns a mask of finite values: non-finite rewards are counted and kept out of
-the update, never averaged in.
+A reward maps decoded images in [-1, 1] ([B, C, H, W]) and the env's context keywords to [B] floats:
+
+    reward(images, **context)      context: prompts=[...] (text-to-image envs), measurement=y (inverse problems)
+
+`reward=<name>` chooses a registered config class; `reward=python reward.function=package.module:name` calls your
+own function the same way. Every call goes through `evaluate_reward`, which checks the shape and dtype (a wrong one
+raises a `RewardError` naming the reward and the shapes) and returns a mask of finite values: non-finite rewards are
+counted, kept out of every update and cut off from the gradient (see `evaluate_reward`), never averaged in.
+
+A config declares what it `accepts` (channels, image sizes, the context it needs, whether gradients flow through it),
+so `rlft.config.validate` refuses a reward that cannot work with an env before any model is loaded.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from rlft.core.spec import knob
+
+
+class RewardError(ValueError):
+    """A reward that cannot be used as it is: it returned the wrong shape or dtype, or could not be imported."""
 
 
 @dataclass
 class Reward:
+    """A built reward, ready to score."""
+
     name: str
-    fn: RewardFn  # (images [B, C, H, W] in [-1, 1], context [B, ...]) -> [B]
+    fn: Callable[..., torch.Tensor]  # (images [B, C, H, W] in [-1, 1], **context) -> [B]
     differentiable: bool  # whether gradients flow from the reward to the images (DRaFT, Adjoint Matching)
-    # extra evaluation metrics on final samples, e.g. the fraction classified as the target digit
-    describe: Callable[[torch.Tensor], dict[str, float]] = field(default=lambda images: {})
+    # extra evaluation metrics of final samples, e.g. the fraction classified as the target digit
+    describe: Callable[..., dict[str, float]] = field(default=lambda images, **context: {})
     # the reward model's embedding of images ([B, D]), for diversity measures; None = the reward has none
     features: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+    def __call__(self, images: torch.Tensor, **context) -> torch.Tensor:
+        return self.fn(images, **context)
 
-REWARDS: dict[str, Callable[..., Reward]] = {}
+
+# ---- what an env gives its rewards, and what a reward needs ----
+@dataclass(frozen=True)
+class ImageSpec:
+    """The images an env's reward sees (after decoding latents) and the context keywords the env passes."""
+
+    channels: int
+    height: int
+    width: int
+    context: tuple[str, ...] = ()  # "prompts" (text-to-image), "measurement" (inverse problems)
 
 
-def register_reward(name: str):
-    def add(factory: Callable[..., Reward]) -> Callable[..., Reward]:
-        REWARDS[name] = factory
-        return factory
+@dataclass(frozen=True)
+class Accepts:
+    """The images and context a reward can score."""
 
-    return add
+    channels: tuple[int, ...] | None = None  # None: any number of channels
+    sizes: tuple[int, int] | None = None  # (smallest, largest) image side in pixels; None: any
+    needs: tuple[str, ...] = ()  # context keywords it reads
+    differentiable: bool = False
+
+    def problems(self, image: ImageSpec) -> list[str]:
+        problems = []
+        if self.channels is not None and image.channels not in self.channels:
+            problems.append(f"it scores {'/'.join(map(str, self.channels))}-channel images and this env makes "
+                            f"{image.channels}-channel ones")  # fmt: skip
+        if self.sizes is not None and not self.sizes[0] <= min(image.height, image.width) <= max(
+                image.height, image.width) <= self.sizes[1]:  # fmt: skip
+            low, high = self.sizes
+            span = f"{low} px" if low == high else f"{low}-{high} px"
+            problems.append(f"it scores images of {span} and this env makes {image.height}x{image.width}")
+        for need in self.needs:
+            if need not in image.context:
+                problems.append(f"it needs the env's {need}, which this env has none of")
+        return problems
+
+
+@dataclass
+class RewardConfig:
+    """The keys every reward has; a reward's own config adds its arguments and `build`."""
+
+    name: str = knob("", "reward registry key (reward=<name>)")
+
+    def accepts(self) -> Accepts:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Cheap availability check run before Ray starts (missing model files raise here, with the fix)."""
+
+    def build(self, device: str | torch.device = "cpu") -> Reward:
+        raise NotImplementedError
+
+
+REWARDS: dict[str, type[RewardConfig]] = {}
+
+
+def register_reward(cls: type[RewardConfig]) -> type[RewardConfig]:
+    """Register a reward config class under its `name` default (the `reward=<name>` choice)."""
+    REWARDS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class NoJudge(RewardConfig):
+    """judge=none: evaluations report the training reward only (and the env's own metrics, such as PSNR)."""
+
+    name: str = knob("none", "judge registry key (judge=<name>): none, or any reward")
+
+    def accepts(self) -> Accepts:
+        return Accepts()
+
+
+def judge_classes() -> dict[str, type[RewardConfig]]:
+    """The judge group's options: none, or any reward (a model the update never sees scores the samples)."""
+    return {"none": NoJudge, **REWARDS}
 
 
 def make_reward(name: str, device: str | torch.device = "cpu", **kwargs) -> Reward:
+    """Build a registered reward from keyword arguments (tests and scripts; runs compose a config)."""
     if name not in REWARDS:
         raise KeyError(f"unknown reward {name!r}; registered rewards: {', '.join(sorted(REWARDS))}")
-    return REWARDS[name](device=device, **kwargs)
+    return REWARDS[name](**kwargs).build(device)
 
 
-# keys of a reward config that say where the reward runs (rlft's reward actor), not what it computes
-PLACEMENT_KEYS = ("name", "remote", "remote_gpus", "remote_batch_size", "actor")
+def evaluate_reward(reward: Reward, images: torch.Tensor, context: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call the reward and check its output: returns (rewards [B] float32, finite mask [B] bool).
 
-
-def make_reward_from_config(reward_cfg: dict, device: str | torch.device = "cpu") -> Reward:
-    """The reward of a `reward:` config section ({"name": ..., factory kwargs..., placement keys...})."""
-    kwargs = {k: v for k, v in reward_cfg.items() if k not in PLACEMENT_KEYS}
-    return make_reward(reward_cfg["name"], device=device, **kwargs)
-
-
-def evaluate_reward(reward: Reward, images: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call the reward and check its output: returns (rewards [B] float32, finite mask [B] bool)."""
-    values = reward.fn(images, context)
+    When `images` carries gradients, the gradient of every sample with a non-finite reward is set to zero before it
+    leaves the reward (0 x inf is NaN, so masking the loss alone is not enough): no gradient flows through them."""
+    values = reward(images, **context)
     batch = images.shape[0]
-    if not isinstance(values, torch.Tensor) or values.shape != (batch,):
+    if not isinstance(values, torch.Tensor) or tuple(values.shape) != (batch,):
         shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise ValueError(
-            f"reward {reward.name!r} returned {shape} for images of shape {tuple(images.shape)}; "
-            f"a reward must return one value per image, a tensor of shape ({batch},)"
-        )
+        raise RewardError(f"reward {reward.name!r} returned {shape} for images of shape {tuple(images.shape)}; a "
+                          f"reward must return one value per image, a tensor of shape ({batch},)")  # fmt: skip
     if not values.is_floating_point():
-        raise TypeError(f"reward {reward.name!r} returned dtype {values.dtype}; it must return floating point values")
+        raise RewardError(f"reward {reward.name!r} returned dtype {values.dtype}; it must return floating point values")
     values = values.float()
-    return values, torch.isfinite(values.detach())
+    finite = torch.isfinite(values.detach())
+    if images.requires_grad and not bool(finite.all()):
+        cut_gradient(images, finite)
+    return values, finite
+
+
+def reward_statistics(values: torch.Tensor, finite: torch.Tensor) -> dict[str, float]:
+    """The training metrics of a batch of rewards: mean, std and max of the finite ones, and how many were not."""
+    kept = values.detach().float()[finite]
+    nan = float("nan")
+    return {
+        "reward/mean": kept.mean().item() if len(kept) else nan,
+        "reward/std": kept.std(unbiased=False).item() if len(kept) else nan,
+        "reward/max": kept.max().item() if len(kept) else nan,
+        "reward/nonfinite": float((~finite).sum()),
+    }
+
+
+def cut_gradient(tensor: torch.Tensor, keep: torch.Tensor) -> None:
+    """In the backward pass, replace the gradient of `tensor`'s rows where `keep` is False by zeros."""
+    mask = keep.reshape(-1, *([1] * (tensor.dim() - 1))).to(tensor.device)
+    tensor.register_hook(lambda grad: torch.where(mask, grad, torch.zeros_like(grad)))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -78,6 +175,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return array.permute(0, 2, 3, 1).cpu().numpy()
 
 
+# ---- JPEG (in)compressibility (DDPO sec. 6.1) ----
 def jpeg_size_kb(images: torch.Tensor, quality: int) -> torch.Tensor:
     from PIL import Image
 
@@ -89,171 +187,115 @@ def jpeg_size_kb(images: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
-@register_reward("jpeg_compressibility")
-def jpeg_compressibility(device: str | torch.device = "cpu", quality: int = 95) -> Reward:
-    """Minus the JPEG size in kB (DDPO's compressibility task)."""
-    return Reward("jpeg_compressibility", lambda images, context: -jpeg_size_kb(images, quality), False)
+@register_reward
+@dataclass
+class JpegCompressibility(RewardConfig):
+    """Minus the JPEG size of x_0 in kB (Pillow): rewards images that compress well. Not differentiable."""
+
+    name: str = knob("jpeg_compressibility", "reward registry key (reward=<name>)")
+    quality: int = knob(95, "JPEG quality setting", ge=1, le=100)
+    SIGN: ClassVar[float] = -1.0
+
+    def accepts(self) -> Accepts:
+        return Accepts(channels=(1, 3))
+
+    def build(self, device: str | torch.device = "cpu") -> Reward:
+        sign, quality = self.SIGN, self.quality
+        return Reward(self.name, lambda images, **_: sign * jpeg_size_kb(images, quality), False)
 
 
-@register_reward("jpeg_incompressibility")
-def jpeg_incompressibility(device: str | torch.device = "cpu", quality: int = 95) -> Reward:
-    """The JPEG size in kB (DDPO's incompressibility task)."""
-    return Reward("jpeg_incompressibility", lambda images, context: jpeg_size_kb(images, quality), False)
+@register_reward
+@dataclass
+class JpegIncompressibility(JpegCompressibility):
+    """The JPEG size of x_0 in kB (Pillow): rewards detailed, hard-to-compress images. Not differentiable."""
+
+    name: str = knob("jpeg_incompressibility", "reward registry key (reward=<name>)")
+    SIGN: ClassVar[float] = 1.0
 
 
-@register_reward("digit")
-def digit(device: str | torch.device = "cpu", target: int = 3) -> Reward:
-    """log p(target | x_0) under the shipped digit classifier; differentiable in the images."""
-    from rlft.envs.digits import NUM_CLASSES, load_classifier
+# ---- the digit classifier (the embedded default) ----
+@register_reward
+@dataclass
+class DigitReward(RewardConfig):
+    """log p(target | x_0) under the shipped digit classifier; differentiable."""
 
-    if not 0 <= target < NUM_CLASSES:
-        raise ValueError(f"reward.target must be a digit class 0..{NUM_CLASSES - 1}, got {target}")
-    classifier = load_classifier(device=device)
+    name: str = knob("digit", "reward registry key (reward=<name>)")
+    target: int = knob(3, "the digit class the fine-tuned model should draw", ge=0, le=9)
 
-    def log_prob_target(images: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(classifier(images.float()), dim=-1)[:, target]
+    def accepts(self) -> Accepts:
+        from rlft.envs.digits import IMAGE_SIZE
 
-    @torch.no_grad()
-    def describe(images: torch.Tensor) -> dict[str, float]:
-        probs = F.softmax(classifier(images.float()), dim=-1)
-        return {
-            "target_fraction": (probs.argmax(-1) == target).float().mean().item(),
-            "confidence": probs.max(-1).values.mean().item(),  # high when samples still look like digits
-        }
+        return Accepts(channels=(1,), sizes=(IMAGE_SIZE, IMAGE_SIZE), differentiable=True)
 
-    @torch.no_grad()
-    def features(images: torch.Tensor) -> torch.Tensor:
-        return classifier.features(images.float())  # [B, 128] penultimate embedding
+    def check(self) -> None:
+        from rlft.envs.digits import CLASSIFIER_PATH, missing_classifier
 
-    return Reward("digit", log_prob_target, True, describe, features)
+        if not CLASSIFIER_PATH.exists():
+            raise missing_classifier(CLASSIFIER_PATH)
 
-
-# ---- perceptual similarity (DRaFT + STED-FM: similarity of foundation-model embeddings to target images) ----
-
-
-class HFVisionEncoder(torch.nn.Module):
-    """A Hugging Face vision model as an embedding: [B, C, H, W] in [-1, 1] -> [B, D], differentiable.
-
-    Images are resized to the model's input size, given its channel count and normalised with its processor's
-    mean and std, all in torch, so gradients reach the pixels. The embedding is the pooled output when the model
-    has one, else the mean of its last hidden states over tokens (or space).
-    """
-
-    def __init__(self, spec: str):
-        super().__init__()
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel
-
-        try:
-            self.model = AutoModel.from_pretrained(spec, trust_remote_code=False)
-        except (OSError, ValueError) as error:
-            raise FileNotFoundError(
-                f"reward.encoder={spec!r} is neither 'digits_classifier' nor a loadable Hugging Face vision model (a "
-                "local folder, or a hub id already in the HF cache; models that need trust_remote_code are refused)"
-            ) from error
-        config = AutoConfig.from_pretrained(spec, trust_remote_code=False)
-        mean, std, size = [0.5], [0.5], getattr(config, "image_size", None)
-        try:
-            processor = AutoImageProcessor.from_pretrained(spec, trust_remote_code=False)
-            mean, std = processor.image_mean, processor.image_std
-            size = processor.size.get("height") or processor.size.get("shortest_edge") or size
-        except (OSError, ValueError, AttributeError):
-            pass  # no processor saved: [-1, 1] inputs as they are, at the config's image size
-        self.channels = getattr(config, "num_channels", 3)
-        self.size = int(size) if size else None
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = (images.float() + 1) / 2  # [B, C, H, W] in [0, 1]
-        if pixels.shape[1] != self.channels:
-            pixels = pixels.mean(1, keepdim=True).expand(-1, self.channels, -1, -1)
-        if self.size and pixels.shape[-1] != self.size:
-            pixels = F.interpolate(pixels, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        out = self.model(pixel_values=(pixels - self.mean) / self.std)
-        pooled = getattr(out, "pooler_output", None)
-        if pooled is not None:
-            return pooled.flatten(1)
-        hidden = out.last_hidden_state
-        return hidden.mean(dim=1) if hidden.dim() == 3 else hidden.flatten(2).mean(-1)  # [B, D]
-
-
-class DigitFeatures(torch.nn.Module):
-    """The shipped digit classifier's 128-d penultimate features."""
-
-    def __init__(self, device: str | torch.device = "cpu"):
-        super().__init__()
+    def build(self, device: str | torch.device = "cpu") -> Reward:
         from rlft.envs.digits import load_classifier
 
-        self.classifier = load_classifier(device=device)
+        classifier, target = load_classifier(device=device), self.target
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(images.float())
+        def log_prob_target(images: torch.Tensor, **_) -> torch.Tensor:
+            return F.log_softmax(classifier(images.float()), dim=-1)[:, target]
 
+        @torch.no_grad()
+        def describe(images: torch.Tensor, **_) -> dict[str, float]:
+            probs = F.softmax(classifier(images.float()), dim=-1)
+            return {
+                "target_fraction": (probs.argmax(-1) == target).float().mean().item(),
+                "confidence": probs.max(-1).values.mean().item(),  # high when samples still look like digits
+            }
 
-SIMILARITIES = ("cosine", "mse")
+        @torch.no_grad()
+        def features(images: torch.Tensor) -> torch.Tensor:
+            return classifier.features(images.float())  # [B, 128] penultimate embedding
 
-
-def perceptual_reward(
-    encoder: torch.nn.Module, targets: torch.Tensor, similarity: str = "cosine", name: str = "perceptual"
-) -> Reward:
-    """r(x) = mean_j sim(f(x), f(y_j)) over target images y_j, with a frozen encoder f (any torch module).
-
-    sim is the cosine similarity, or minus the mean squared distance between embeddings ("mse").
-    """
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"reward.similarity={similarity} is not one of {', '.join(SIMILARITIES)}")
-    encoder = encoder.eval().requires_grad_(False)
-    with torch.no_grad():
-        target_embeddings = encoder(targets).float()  # [M, D]
-    if target_embeddings.dim() != 2 or target_embeddings.shape[0] != targets.shape[0]:
-        raise ValueError(f"the encoder must map [M, C, H, W] images to [M, D] embeddings, got "
-                         f"{tuple(target_embeddings.shape)} for {tuple(targets.shape)}")  # fmt: skip
-    unit_targets = F.normalize(target_embeddings, dim=-1)
-
-    def similarity_to_targets(images: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        embeddings = encoder(images).float()  # [B, D]
-        if similarity == "cosine":
-            return (F.normalize(embeddings, dim=-1) @ unit_targets.T).mean(dim=1)
-        return -((embeddings[:, None, :] - target_embeddings[None]) ** 2).mean(dim=(1, 2))
-
-    @torch.no_grad()
-    def describe(images: torch.Tensor) -> dict[str, float]:
-        return {
-            f"{similarity}_similarity": similarity_to_targets(images, images.new_zeros(len(images), 0)).mean().item()
-        }
-
-    return Reward(name, similarity_to_targets, True, describe)
+        return Reward(self.name, log_prob_target, True, describe, features)
 
 
-def load_target_images(spec: str, num_targets: int) -> torch.Tensor:
-    """ "digits:<class>" (held-out digits of that class) or a safetensors file with an "images" tensor in [-1, 1]."""
-    if spec.startswith("digits:"):
-        from rlft.envs.digits import NUM_CLASSES, load_digits
-
-        label = int(spec.split(":", 1)[1])
-        if not 0 <= label < NUM_CLASSES:
-            raise ValueError(f"reward.targets={spec}: the digit class must lie in 0..{NUM_CLASSES - 1}")
-        images, labels = load_digits("heldout")
-        return images[labels == label][:num_targets]
-    from safetensors.torch import load_file
-
+# ---- your own reward, by import path ----
+def import_object(spec: str, key: str) -> Any:
+    """`package.module:name` -> the object (a function, a class); `key` is the config key that gave it."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise RewardError(f"{key}={spec!r} is not of the form package.module:name")
     try:
-        return load_file(spec)["images"].float()[:num_targets]
-    except (OSError, KeyError) as error:
-        raise FileNotFoundError(
-            f"reward.targets={spec!r}: give 'digits:<class>' or a safetensors file with an 'images' tensor "
-            "[M, C, H, W] in [-1, 1]"
-        ) from error
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise RewardError(f"{key}={spec!r}: cannot import {module_name} ({error}); put it on PYTHONPATH or install "
+                          "its package") from None  # fmt: skip
+    if not hasattr(module, attribute):
+        raise RewardError(f"{key}={spec!r}: {module_name} has no attribute {attribute!r}")
+    return getattr(module, attribute)
 
 
-@register_reward("perceptual")
-def perceptual(
-    device: str | torch.device = "cpu",
-    encoder: str = "digits_classifier",
-    targets: str = "digits:3",
-    similarity: str = "cosine",
-    num_targets: int = 64,
-) -> Reward:
-    """Perceptual similarity to a set of target images through a frozen encoder; differentiable."""
-    module = DigitFeatures(device) if encoder == "digits_classifier" else HFVisionEncoder(encoder).to(device)
-    return perceptual_reward(module, load_target_images(targets, num_targets).to(device), similarity)
+@register_reward
+@dataclass
+class PythonReward(RewardConfig):
+    """Your own function, called as name(images, **context) with images [B, C, H, W] in [-1, 1]; returns [B]."""
+
+    name: str = knob("python", "reward registry key (reward=<name>)")
+    function: str = knob("", "the function as package.module:name; called as name(images, **context) -> [B]")
+    differentiable: bool = knob(False, "true when gradients may flow through it (DRaFT, Adjoint Matching)")
+    needs: list[str] = knob([], "context keywords it reads: prompts (text-to-image envs), measurement (inverse "
+                            "problems)")  # fmt: skip
+    arguments: dict[str, Any] = knob({}, "keyword arguments passed on every call (reward.arguments.scale=2, ...)")
+
+    def accepts(self) -> Accepts:
+        return Accepts(needs=tuple(self.needs), differentiable=self.differentiable)
+
+    def check(self) -> None:
+        if not self.function:
+            raise RewardError("reward=python needs reward.function=package.module:name (your function, called as "
+                              "name(images, **context) and returning a tensor [B])")  # fmt: skip
+        if not callable(import_object(self.function, "reward.function")):
+            raise RewardError(f"reward.function={self.function!r} is not callable")
+
+    def build(self, device: str | torch.device = "cpu") -> Reward:
+        self.check()
+        function, arguments = import_object(self.function, "reward.function"), dict(self.arguments)
+        return Reward(self.function, lambda images, **context: function(images, **context, **arguments),
+                      self.differentiable)  # fmt: skip

@@ -2,26 +2,36 @@
 
 The MDP runs in latent space (x_t: [4, H/8, W/8]); the context of a trajectory is the text encoder's last
 hidden state for a prompt drawn uniformly from the prompt list ([77, D]); the reward sees the VAE decoding
-of x_0, in [-1, 1] (DDPO sec. 5: rewards score decoded images).
+of x_0, in [-1, 1] (DDPO sec. 5: rewards score decoded images), and the prompt itself (prompts=[...]). The negative
+prompt's embedding is the env's null context, which classifier-free guidance pairs with every prompt.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from rlft.envs.denoising import DenoisingEnv
+from rlft.envs.rewards import Reward
 
-def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
+if TYPE_CHECKING:
+    from rlft.envs.tasks import StableDiffusionEnvConfig
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: str | None, key: str = "env.prompts") -> list[str]:
     """The prompt list: one prompt per non-empty line of `prompt_file` when given, else `prompts`."""
     if prompt_file:
         path = Path(prompt_file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"env.prompt_file={prompt_file} does not exist; give a text file, a prompt a line")
+            raise FileNotFoundError(f"{key.replace('prompts', 'prompt_file')}={prompt_file} does not exist; give a "
+                                    "text file, a prompt a line")  # fmt: skip
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ValueError("the Stable Diffusion env needs prompts: env.prompts=[...] or env.prompt_file=/path.txt")
+        raise ValueError(f"the Stable Diffusion env needs prompts: {key}=[...] or a prompt file")
     return list(prompts)
 
 
@@ -49,9 +59,21 @@ class PromptContext:
         index = torch.randint(len(self.prompts), (n,), generator=generator)
         return self.embeddings[index.to(self.embeddings.device)]  # [n, L, D]
 
+    def prompts_of(self, context: torch.Tensor) -> list[str]:
+        """The prompt of each context row [B, L, D] (an exact match in the table: contexts are its rows)."""
+        table = self.embeddings.to(context.device).flatten(1)
+        distances = torch.cdist(context.detach().flatten(1).float(), table, compute_mode="donot_use_mm_for_euclid_dist")
+        best, index = distances.min(dim=1)
+        if bool((best > 1e-4 * table.norm(dim=1).max()).any()):
+            raise ValueError("a context is not the embedding of one of this env's prompts")
+        return [self.prompts[i] for i in index.tolist()]
+
+    def reward_context(self, context: torch.Tensor) -> dict:
+        return {"prompts": self.prompts_of(context)}
+
 
 class LatentDecoder(nn.Module):
-    """SD latents -> images in [-1, 1]: `vae.decode(latents / scaling_factor)`; differentiable (DRaFT)."""
+    """SD latents -> images in [-1, 1]: `vae.decode(latents / scaling_factor)`; differentiable (DRaFT, AM)."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -60,3 +82,34 @@ class LatentDecoder(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         return self.vae.decode(scaled).sample.float()
+
+
+@functools.lru_cache(maxsize=2)
+def load_env_parts(base_model: str, revision: str | None, device: str) -> tuple[nn.Module, object, nn.Module]:
+    """(text encoder, tokenizer, VAE) of a Stable Diffusion folder, loaded once per process and device: the training
+    and the evaluation env share them."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from rlft.envs.models import load_sd_part
+
+    text_encoder = load_sd_part(CLIPTextModel, base_model, "text_encoder", revision).to(device).eval()
+    tokenizer = load_sd_part(CLIPTokenizer, base_model, "tokenizer", revision)
+    vae = load_sd_part(AutoencoderKL, base_model, "vae", revision).to(device)
+    return text_encoder.requires_grad_(False), tokenizer, vae
+
+
+def make_stable_diffusion_env(cfg: StableDiffusionEnvConfig, reward: Reward, num_envs: int, device: str | torch.device,
+                              evaluation: bool = False) -> DenoisingEnv:  # fmt: skip
+    """The latent MDP of `cfg`: training prompts, or the held-out evaluation prompts with `evaluation`."""
+    text_encoder, tokenizer, vae = load_env_parts(cfg.base_model, cfg.revision, str(device))
+    if evaluation:
+        prompts = read_prompts(cfg.eval_prompts, cfg.eval_prompt_file, "env.eval_prompts")
+    else:
+        prompts = read_prompts(cfg.prompts, cfg.prompt_file)
+    contexts = PromptContext(prompts, encode_prompts(text_encoder, tokenizer, prompts, device))
+    null_context = encode_prompts(text_encoder, tokenizer, [cfg.negative_prompt], device)  # [1, L, D]
+    return DenoisingEnv(num_envs=num_envs, sample_shape=cfg.sample_shape(), schedule=cfg.schedule(), reward=reward,
+                        context_sampler=contexts, context_shape=contexts.shape, device=device,
+                        decoder=LatentDecoder(vae), reward_context=contexts.reward_context,
+                        null_context=null_context)  # fmt: skip

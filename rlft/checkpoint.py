@@ -41,8 +41,12 @@ FORMAT_VERSION = 1
 COMMIT_MARKER = "COMMITTED"
 # keys that change how a run is operated, not what it computes: they may differ between a run and its resumption
 OPERATIONAL_KEYS = ("logging", "resume", "trainer.checkpoint_every", "trainer.keep_checkpoints", "ray.address",
-                    "ray.num_cpus", "ray.max_rollout_restarts", "ray.max_learner_failures")  # fmt: skip
+                    "ray.num_cpus", "ray.max_rollout_restarts", "ray.max_learner_failures", "ray.collect_timeout_s",
+                    "ray.reward_timeout_s", "ray.max_reward_restarts")  # fmt: skip
 PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ opcode, zip (torch.save's container)
+# what state.json holds besides its format (Checkpointer._commit writes them all)
+STATE_KEYS = ("epoch", "policy_version", "world_size", "config_hash", "wandb_run_id", "signature", "optimizer",
+              "lr_scheduler", "config", "files")  # fmt: skip
 
 
 class CheckpointError(RuntimeError):
@@ -76,21 +80,14 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def model_signature(cfg: dict) -> dict[str, Any]:
+def model_signature(spec) -> dict[str, Any]:
     """What fixes the shapes and meaning of the weights: algorithm, base model and its architecture."""
-    from diffusers import UNet2DModel
-
-    spec = cfg["env"]["base_model"]
-    if spec == "builtin:digits":
-        from rlft.envs.digits import BASE_MODEL_DIR
-
-        spec = str(BASE_MODEL_DIR)
     try:
-        config = UNet2DModel.load_config(spec)
-    except (OSError, ValueError):  # a missing model is reported, with the fix, when the learners load it
+        config = spec.env.network_config()
+    except (OSError, ValueError):  # a missing model is reported, with the fix, when it is checked
         config = {}
     architecture = {f"model.{k}": v for k, v in config.items() if not k.startswith("_")}
-    return {"algo.name": cfg["algo"]["name"], "env.base_model": cfg["env"]["base_model"], **architecture}
+    return {"algo.name": spec.algo.name, "env.base_model": spec.env.base_model, **architecture}
 
 
 def signature_mismatch(saved: dict, current: dict) -> list[str]:
@@ -154,17 +151,21 @@ def _digest(path: Path) -> dict:
 
 
 def _check_safetensors(path: Path) -> None:
-    """Refuse anything but a safetensors file (whose header safe_open parses without reading the tensors)."""
+    """Refuse anything but a safetensors file. It is parsed first (safe_open reads the header without the tensors):
+    a safetensors file starts with its header's length, a little-endian u64, whose first byte can be anything
+    (0x80 for 1 header length in 32), so only a file that does not parse is examined for a pickle's signature."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+        return
+    except (SafetensorError, OSError) as error:
+        failure = error
     with open(path, "rb") as f:
         head = f.read(4)
     if head.startswith(PICKLE_MAGIC):
         raise CheckpointError(f"{path} holds a pickle (or a torch.save archive), which could run code when loaded; "
                               "refused: checkpoints hold only safetensors and JSON")  # fmt: skip
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
+    raise CheckpointError(f"{path} is not a readable safetensors file ({failure})")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -179,11 +180,18 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not readable JSON ({error}); the checkpoint is damaged") from None
 
 
+def epoch_of(folder: Path) -> int:
+    """The epoch in a checkpoint folder's name (epoch_000040 -> 40); -1 for a name that holds none."""
+    digits = folder.name.removeprefix("epoch_")
+    return int(digits) if digits.isdigit() else -1
+
+
 def committed(folder: Path) -> list[Path]:
-    """The committed checkpoints in `folder`, oldest first."""
+    """The committed checkpoints in `folder`, oldest first by epoch number (not by name)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("epoch_*") if (p / COMMIT_MARKER).exists())
+    return sorted((p for p in folder.glob("epoch_*") if (p / COMMIT_MARKER).exists() and epoch_of(p) >= 0),
+                  key=epoch_of)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -200,9 +208,22 @@ class Checkpoint:
     @classmethod
     def open(cls, path: Path) -> Checkpoint:
         """Check the manifest (every file present, of the recorded size and sha256) before anything is parsed."""
+        try:
+            return cls._open(path)
+        except (KeyError, TypeError, AttributeError) as error:  # a state.json that parses but lacks its fields
+            raise CheckpointError(f"{path}: state.json is malformed ({type(error).__name__}: {error})") from None
+
+    @classmethod
+    def _open(cls, path: Path) -> Checkpoint:
         state = _read_json(path / "state.json")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: state.json holds no checkpoint manifest")
         if state.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT_VERSION}")
+        lacking = [key for key in STATE_KEYS if key not in state]  # each is read when the checkpoint is resumed
+        if lacking:
+            raise CheckpointError(f"{path}: state.json is malformed (it lacks {', '.join(lacking)}); the checkpoint "
+                                  "is damaged")  # fmt: skip
         for name, recorded in state["files"].items():
             file = path / name
             if not file.exists():
@@ -275,12 +296,20 @@ def adopt(source: Path, folder: Path) -> Checkpoint:
 
 
 def latest_valid(folder: Path, warn=print) -> Checkpoint | None:
-    """The newest committed checkpoint that passes its checks; damaged ones are named and skipped."""
-    for path in reversed(committed(folder)):
+    """The newest committed checkpoint that passes its checks; damaged ones are named and skipped. When there are
+    checkpoints but none can be used, raises CheckpointError naming each and why, and touches nothing: starting the
+    run again would overwrite its metrics and let retention delete what is left."""
+    found = committed(folder)
+    problems = []
+    for path in reversed(found):
         try:
             return Checkpoint.open(path)
         except CheckpointError as error:
-            warn(f"rlft: skipping damaged checkpoint: {error}")
+            warn(f"skipping damaged checkpoint: {error}")
+            problems.append(str(error))
+    if found:
+        raise CheckpointError(f"{folder} holds {len(found)} checkpoint(s) and none can be used: " + "; ".join(problems)
+                              + ". Nothing was changed; move the folder aside to start afresh")  # fmt: skip
     return None
 
 
@@ -291,6 +320,7 @@ def replica_state(learner) -> dict:
         "generator": learner.ctx.generator.get_state(),
         "algorithm": learner.state.state_dict() if hasattr(learner.state, "state_dict") else None,
         "buffer": learner.buffer.state_dict() if learner.buffer is not None else None,
+        "eval_baseline": learner.eval_baseline,  # the base model's evaluation, which hacking gaps compare with
     }
     if torch.cuda.is_available() and learner.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(learner.device)
@@ -327,6 +357,7 @@ def restore_replica(learner, checkpoint: Checkpoint) -> None:
         learner.state.load_state_dict(replica["algorithm"])
     if replica["buffer"] is not None:
         learner.buffer.load_state_dict(replica["buffer"])
+    learner.eval_baseline = replica.get("eval_baseline")
 
 
 @dataclasses.dataclass
@@ -348,9 +379,9 @@ class Checkpointer:
     def due(self, epoch: int, last_epoch: int) -> bool:
         return due(epoch, self.every, last_epoch)
 
-    def restore(self, learner) -> int:
+    def restore(self, learner, warn=print) -> int:
         """Load the newest valid checkpoint into `learner`; returns its epoch (0 when there is none)."""
-        checkpoint = latest_valid(self.folder, warn=print if learner.rank == 0 else lambda _: None)
+        checkpoint = latest_valid(self.folder, warn=warn)
         if checkpoint is None:
             return 0
         world_size = checkpoint.state["world_size"]
@@ -361,23 +392,32 @@ class Checkpointer:
         return checkpoint.epoch
 
     def save(self, learner, epoch: int) -> Path:
-        """Collective: every replica writes its rank files, then rank 0 writes the manifest and commits."""
+        """Collective: every replica writes its rank files, then rank 0 writes the manifest and commits. A write
+        that fails (a full disk) removes the temporary folder and raises one CheckpointError; the checkpoints
+        already committed stay as they were."""
         distributed = learner.world_size > 1
         tmp = self.folder / f".epoch_{epoch:06d}.tmp"
         final = self.folder / f"epoch_{epoch:06d}"
-        if learner.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
-            tmp.mkdir(parents=True)
-        if distributed:
-            torch.distributed.barrier()
-        tensors: dict[str, torch.Tensor] = {}
-        plain = split_tensors(replica_state(learner), tensors)
-        _write_tensors(tmp / f"rank_{learner.rank}.safetensors", tensors)
-        _write_json(tmp / f"rank_{learner.rank}.json", plain)
-        if distributed:
-            torch.distributed.barrier()
-        if learner.rank == 0:
-            self._commit(learner, epoch, tmp, final)
+        try:
+            if learner.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing (the run folder is locked)
+                tmp.mkdir(parents=True)
+            if distributed:
+                torch.distributed.barrier()
+            tensors: dict[str, torch.Tensor] = {}
+            plain = split_tensors(replica_state(learner), tensors)
+            _write_tensors(tmp / f"rank_{learner.rank}.safetensors", tensors)
+            _write_json(tmp / f"rank_{learner.rank}.json", plain)
+            if distributed:
+                torch.distributed.barrier()
+            if learner.rank == 0:
+                self._commit(learner, epoch, tmp, final)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = committed(self.folder)
+            raise CheckpointError(f"could not write the checkpoint of epoch {epoch} in {self.folder} ({error}); the "
+                                  f"temporary folder was removed and {kept[-1].name if kept else 'no checkpoint'} is "
+                                  "the newest intact one; free space and resume the run") from None  # fmt: skip
         if distributed:
             torch.distributed.barrier()
         return final
@@ -423,42 +463,46 @@ def _matching_runs(root: Path, wanted: str) -> list[tuple[float, Path]]:
     return sorted(found)
 
 
-def plan_run(cfg: dict, new_run_dir: Path) -> RunPlan:
+def plan_run(spec, new_run_dir: Path) -> RunPlan:
     """Resolve `resume` (null, a run folder or "auto") into the run folder and the checkpoint to continue from.
 
-    A checkpoint made for another model (algorithm, base model or architecture) is refused with the fields
-    that differ; other config differences are reported and the run continues with the new values.
+    The run folder is made absolute here, once, so that learners and rollout workers write into it whatever their
+    working directory (Ray Train's workers run in Ray's session folder). A checkpoint made for another model
+    (algorithm, base model or architecture) is refused with the fields that differ; other config differences are
+    reported and the run continues with the new values.
     """
-    trainer = cfg["trainer"]
-    if trainer["checkpoint_every"] < 1 or trainer["keep_checkpoints"] < 1:
-        raise ConfigError(f"trainer.checkpoint_every={trainer['checkpoint_every']} and trainer.keep_checkpoints="
-                          f"{trainer['keep_checkpoints']} must both be at least 1")  # fmt: skip
-    digest, signature = config_hash(cfg), model_signature(cfg)
-    resume = cfg.get("resume")
-    run_dir = new_run_dir
+    from rlft.config import to_dict
+
+    cfg = to_dict(spec)
+    digest, signature = config_hash(cfg), model_signature(spec)
+    resume = spec.resume
+    run_dir = new_run_dir.expanduser().resolve()
     if not resume and committed(run_dir / "checkpoints"):
-        raise ConfigError(f"{run_dir} already holds checkpoints of a run; continue it with resume={run_dir}, or "
+        raise ConfigError(f"{run_dir} already holds checkpoints of a run; continue it with resume={new_run_dir}, or "
                           "choose another logging.run_dir")  # fmt: skip
     if resume == "auto":
-        candidates = [Path(cfg["logging"]["run_dir"])] if cfg["logging"]["run_dir"] else []
-        matches = _matching_runs(new_run_dir.parent, digest) if not candidates else [
+        candidates = [run_dir] if spec.logging.run_dir else []
+        matches = _matching_runs(run_dir.parent, digest) if not candidates else [
             (0.0, c) for c in candidates if committed(c / "checkpoints")]  # fmt: skip
         if matches:
             run_dir = matches[-1][1]
     elif resume:
-        run_dir = Path(resume)
+        run_dir = Path(resume).expanduser().resolve()
         if not (run_dir / "config.yaml").exists():
             raise ConfigError(f"resume={resume}: not a run folder (no config.yaml there); give the folder a run "
                               "printed at its start, or resume=auto")  # fmt: skip
-    checkpoint = latest_valid(run_dir / "checkpoints") if resume else None
+    try:
+        checkpoint = latest_valid(run_dir / "checkpoints", warn=lambda m: print(f"rlft: {m}")) if resume else None
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
     wandb_run_id = None
     start_epoch = 0
     if checkpoint is not None:
         mismatch = signature_mismatch(checkpoint.state["signature"], signature)
         if mismatch:
-            raise ConfigError(f"the checkpoint {checkpoint.path} was made for another model; refusing to resume it:\n  "
-                              + "\n  ".join(mismatch))  # fmt: skip
-        if checkpoint.state["world_size"] != cfg["ray"]["num_learners"]:
+            raise ConfigError(f"the checkpoint {checkpoint.path} was made for another model; refusing to resume it: "
+                              + "; ".join(mismatch))  # fmt: skip
+        if checkpoint.state["world_size"] != spec.ray.num_learners:
             raise ConfigError(f"the checkpoint {checkpoint.path} holds {checkpoint.state['world_size']} learner "
                               f"replicas; resume with ray.num_learners={checkpoint.state['world_size']}")
         if checkpoint.state["config_hash"] != digest:
@@ -470,9 +514,45 @@ def plan_run(cfg: dict, new_run_dir: Path) -> RunPlan:
         wandb_run_id, start_epoch = checkpoint.state["wandb_run_id"], checkpoint.epoch
         print(f"rlft: resuming {run_dir} from {checkpoint.path.name} (epoch {start_epoch})", flush=True)
     elif resume and resume != "auto":
-        print(f"rlft: {run_dir} has no usable checkpoint; starting it again from epoch 0", flush=True)
-    if wandb_run_id is None and cfg["logging"]["wandb"] != "disabled":
+        print(f"rlft: {run_dir} has no checkpoint yet; starting it again from epoch 0", flush=True)
+    if wandb_run_id is None and spec.logging.wandb != "disabled":
         wandb_run_id = uuid.uuid4().hex[:8]
-    checkpointer = Checkpointer(str(run_dir), cfg["trainer"]["checkpoint_every"], cfg["trainer"]["keep_checkpoints"],
-                                digest, cfg, signature, wandb_run_id)  # fmt: skip
+    trainer = spec.trainer
+    checkpointer = Checkpointer(str(run_dir), trainer.checkpoint_every, trainer.keep_checkpoints, digest, cfg,
+                                signature, wandb_run_id)  # fmt: skip
     return RunPlan(run_dir, checkpointer, start_epoch)
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of the run that writes it: a second run on the same folder
+    (two terminals, a sweep retried while its trial still runs) is refused instead of interleaving checkpoints.
+    The operating system releases it when the process ends, however it ends."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.handle = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 (held open for the run)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigError(f"{self.path.parent} is in use by another rlft run (process {holder}); wait for it to "
+                              "end, or choose another logging.run_dir") from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the file releases the lock
+            self.handle = None

@@ -1,36 +1,83 @@
-"""Config composition with errors that teach: Hydra's compose API plus checks that run before Ray starts.
+"""Config composition with errors that teach: Hydra's compose API over the typed spec, plus checks before Ray starts.
 
-`compose(name, ["algo=ddpo", "trainer.epochs=3"])` returns the resolved config, or raises `ConfigError`
-naming the bad key or value and the nearest valid one.
+`compose(["algo=ddpo", "trainer.epochs=3"])` returns a `RunSpec` (rlft/spec.py) whose `algo`, `env` and `reward` are
+the chosen groups' dataclasses, or raises `ConfigError` with one line naming the key, the value, what the key accepts
+and the nearest valid key. `validate(spec)` then refuses impossible combinations (a reward that cannot score the
+env's images, batch sizes that do not divide, a missing model) before anything is loaded.
+
+The groups: algo (rlft.algorithms.<name>.Config), env (the presets of rlft.envs.tasks), reward (rlft.envs.rewards's
+registry). Every key's default, comment and limits live in those dataclasses (rlft.core.spec.knob).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import os
-from importlib.resources import files
-from pathlib import Path
+import re
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from rlft.core.spec import (
+    accepted,
+    check_ranges,
+    documented_fields,
+    format_value,
+    hints,
+    optional_inner,
+    range_problem,
+)
+
 CONFIG_MODULE = "rlft.conf"
-CONFIG_DIR = Path(str(files("rlft") / "conf"))
+GROUPS = ("algo", "env", "reward", "judge")
+DEFAULT_CHOICES = {"algo": "ddpo", "env": "digits", "reward": "digit", "judge": "digit_judge"}  # as config.yaml
 
 
 class ConfigError(ValueError):
     """A config problem found before anything runs; the message says what is wrong and how to fix it."""
 
 
+# ---- the groups and their options ----
+def group_classes(group: str) -> dict[str, Any]:
+    """option name -> its config dataclass instance (env presets) or class (algorithms, rewards)."""
+    if group == "algo":
+        from rlft.algorithms import algorithm_names, load_algorithm
+
+        return {name: load_algorithm(name).Config for name in algorithm_names()}
+    if group == "env":
+        from rlft.envs.tasks import ENV_PRESETS
+
+        return dict(ENV_PRESETS)
+    import rlft.envs  # noqa: F401  (registers every reward)
+    from rlft.envs.rewards import REWARDS, judge_classes
+
+    return dict(REWARDS) if group == "reward" else judge_classes()
+
+
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    return sorted(group_classes(group))
 
 
-def config_groups() -> list[str]:
-    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
+@functools.cache
+def register_schemas() -> None:
+    """Every group option in Hydra's ConfigStore, once per process: the typed nodes Hydra composes."""
+    from hydra.core.config_store import ConfigStore
+
+    from rlft.pretrain import PretrainSpec
+    from rlft.spec import RunSpec
+
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunSpec)
+    store.store(name="pretrain_schema", node=PretrainSpec)
+    for group in GROUPS:
+        for name, node in group_classes(group).items():
+            store.store(group=group, name=name, node=node)
 
 
-def _nearest(word: str, candidates: list[str]) -> str:
+def nearest(word: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
     if not close:  # a typo in the last component only ("trainer.epoch") still finds "trainer.epochs"
         tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
@@ -49,50 +96,206 @@ def flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _split_override(override: str) -> tuple[str, str]:
+def split_override(override: str) -> tuple[str, str]:
     if "=" not in override:
-        raise ConfigError(f"argument {override!r} is not of the form key=value (for example trainer.epochs=10)")
+        raise ConfigError(f"argument {override!r} is not of the form key=value (for example trainer.epochs=10); "
+                          "--help lists the keys")  # fmt: skip
     key, value = override.split("=", 1)
     return key.lstrip("+~"), value
 
 
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose `config_name` from rlft/conf with command-line style overrides, checking every key."""
+def field_of(key: str, choices: dict[str, str], config_name: str = "config"):
+    """(field, annotation) of a dotted key, in the dataclasses the group choices select, or None."""
+    root = pretrain_schema() if config_name == "pretrain" else run_schema()
+    head, _, rest = key.partition(".")
+    if head in GROUPS and rest and head in choices:
+        option = group_classes(head).get(choices[head])
+        if option is None:
+            return None
+        cls = option if isinstance(option, type) else type(option)
+        fields = {k: (f, a) for k, f, a in documented_fields(cls)}
+        return fields.get(rest)
+    return {k: (f, a) for k, f, a in documented_fields(root)}.get(key)
+
+
+def run_schema():
+    from rlft.spec import RunSpec
+
+    return RunSpec
+
+
+def pretrain_schema():
+    from rlft.pretrain import PretrainSpec
+
+    return PretrainSpec
+
+
+def schema_keys(choices: dict[str, str], config_name: str = "config") -> list[str]:
+    """Every dotted key of the config the group choices select, from the dataclasses (no composition needed)."""
+    root = pretrain_schema() if config_name == "pretrain" else run_schema()
+    keys = [key for key, _, _ in documented_fields(root)]
+    keys += sorted({key.rsplit(".", 1)[0] for key in keys if "." in key})  # the sections themselves
+    for group, choice in choices.items():
+        option = group_classes(group).get(choice)
+        if option is not None:
+            cls = option if isinstance(option, type) else type(option)
+            keys += [group, *(f"{group}.{key}" for key, _, _ in documented_fields(cls))]
+    return keys
+
+
+def describe_key(key: str, choices: dict[str, str], config_name: str) -> str:
+    found = field_of(key, choices, config_name)
+    if found is None:
+        return ""
+    field, annotation = found
+    return f"{key} takes {accepted(field, annotation)} ({field.metadata['doc']})"
+
+
+def composition_error(error: Exception, overrides: list[tuple[str, str]], choices: dict[str, str],
+                      config_name: str) -> ConfigError:  # fmt: skip
+    """One line for a Hydra / OmegaConf failure: which override, what its key accepts."""
+    text = " ".join(str(error).split())
+    match = re.search(r"override '?([^\s']+?)'?(?:\.|$| )", text)
+    failing = [(k, o) for k, o in overrides if match and o.lstrip("+~") == match.group(1)]
+    if not failing:  # a value that failed to convert names its key in OmegaConf's cause
+        cause = error.__cause__ or error
+        full_key = getattr(cause, "full_key", None)
+        failing = [(k, o) for k, o in overrides if k == full_key]
+    if failing:
+        key, override = failing[0]
+        about = describe_key(key, choices, config_name)
+        return ConfigError(f"{override} is not valid: {about}" if about else f"{override} is not valid ({text})")
+    return ConfigError(text)
+
+
+# ---- composition ----
+def compose_config(overrides: list[str], config_name: str = "config") -> tuple[DictConfig, dict[str, str]]:
+    """The composed DictConfig (typed by the schema, interpolations resolved) and the group choices."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
+    from hydra.errors import HydraException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
 
-    groups = config_groups()
+    register_schemas()
+    choices = dict(DEFAULT_CHOICES) if config_name == "config" else {"env": "digits"}
     group_overrides, key_overrides = [], []
     for override in overrides:
-        key, value = _split_override(override)
-        if key in groups:
+        key, value = split_override(override)
+        if key in GROUPS or (config_name == "pretrain" and key == "env"):
             options = group_options(key)
             if value not in options:
-                raise ConfigError(
-                    f"{key}={value} is not an available {key}{_nearest(value, options)} (choices: {', '.join(options)})"
-                )
+                raise ConfigError(f"{key}={value} is not an available {key}{nearest(value, options)} (choices: "
+                                  f"{', '.join(options)})")  # fmt: skip
             group_overrides.append(override)
+            choices[key] = value
         else:
             key_overrides.append((key, override))
-    chosen = dict(_split_override(o) for o in group_overrides)
-    if "env" in chosen and "reward" not in chosen:  # an env may name its reward (inverse problems: measurement)
-        default_reward = OmegaConf.load(CONFIG_DIR / "env" / f"{chosen['env']}.yaml").get("default_reward")
-        if default_reward:
-            group_overrides.append(f"reward={default_reward}")
-            overrides = [*overrides, f"reward={default_reward}"]
-
+    for key, override in key_overrides:  # OmegaConf reads any integer as a bool (2 -> true): only true / false pass
+        found = field_of(key, choices, config_name)
+        value = override.split("=", 1)[1].strip().lower()
+        if found and optional_inner(found[1])[0] is bool and value not in ("true", "false", "null", "none"):
+            raise ConfigError(f"{override} is not valid: {describe_key(key, choices, config_name)}")
+    chosen = {split_override(o)[0] for o in group_overrides}
+    if config_name == "config" and "env" in chosen:  # each env names its reward and its judge
+        preset = group_classes("env")[choices["env"]]
+        for group, default in (("reward", preset.default_reward), ("judge", preset.default_judge)):
+            if group not in chosen:
+                choices[group] = default
+                group_overrides.append(f"{group}={default}")
+    same_digit = (choices.get("judge"), choices.get("reward")) == ("digit_judge", "digit")
+    if config_name == "config" and same_digit and not any(key == "judge.target" for key, _ in key_overrides):
+        key_overrides.append(("judge.target", "judge.target=${reward.target}"))  # the judge checks the same digit
+    known = schema_keys(choices, config_name)
+    for key, override in key_overrides:
+        if key not in known and not override.startswith("+"):
+            raise ConfigError(f"unknown config key {key!r}{nearest(key, known)}")
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-        base = hydra_compose(config_name=config_name, overrides=group_overrides)
-        known = flat_keys(base)
-        for key, override in key_overrides:
-            if key not in known and not override.startswith("+"):
-                raise ConfigError(f"unknown config key {key!r}{_nearest(key, known)}")
-        cfg = hydra_compose(config_name=config_name, overrides=overrides)
-    OmegaConf.resolve(cfg)
-    return cfg
+        try:
+            cfg = hydra_compose(config_name=config_name, overrides=group_overrides + [o for _, o in key_overrides])
+            OmegaConf.resolve(cfg)
+        except OverrideParseException as error:
+            bad = next((o for _, o in key_overrides if o in str(error)), " ".join(overrides))
+            first = str(error).strip().splitlines()[0]
+            raise ConfigError(f"cannot parse the override {bad!r} ({first}); quote values that hold brackets, commas "
+                              "or spaces, e.g. key='[1, 2]' or key='a b'") from None  # fmt: skip
+        except (HydraException, OmegaConfBaseException) as error:
+            raise composition_error(error, key_overrides, choices, config_name) from None
+    return cfg, choices
+
+
+def range_problems(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """`check_ranges` on the composed DictConfig, before the dataclasses are built: their own cross-field checks
+    (__post_init__) then see only values within their limits."""
+    cls = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(cls):
+        return []
+    annotations = hints(cls)
+    problems = []
+    for field in dataclasses.fields(cls):
+        value, key = cfg.get(field.name), f"{prefix}{field.name}"
+        if isinstance(value, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(value)):
+            problems += range_problems(value, key + ".")
+            continue
+        plain = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+        if (problem := range_problem(key, plain, field, annotations[field.name])) is not None:
+            problems.append(problem)
+    return problems
+
+
+def compose(overrides: list[str], config_name: str = "config"):
+    """The typed spec of `config_name` with command-line overrides, types and ranges checked."""
+    cfg, choices = compose_config(overrides, config_name)
+    problems = range_problems(cfg)
+    if problems:
+        raise ConfigError(problems[0])
+    try:
+        spec = OmegaConf.to_object(cfg)
+    except ValueError as error:  # a config's own cross-field check (its __post_init__)
+        raise ConfigError(str(error)) from None
+    problems = check_ranges(spec)
+    if problems:
+        raise ConfigError(problems[0])
+    return spec
+
+
+def load_spec(saved: dict, overrides: list[str] = ()):
+    """The spec a run saved (its config.yaml as a dict), with overrides: its groups composed again, its values
+    merged in, then types and ranges checked as for a new run."""
+    lacking = [g for g in GROUPS if not isinstance(saved, dict) or not isinstance(saved.get(g), dict)
+               or "name" not in saved[g]]  # fmt: skip
+    if lacking:
+        raise ConfigError(f"the saved config has no {lacking[0]} group with its name: it is not a config.yaml "
+                          "written by rlft.run")  # fmt: skip
+    choices = [f"{group}={saved[group]['name']}" for group in GROUPS if group in saved]
+    cfg, _ = compose_config(choices)
+    try:
+        merged = OmegaConf.merge(cfg, saved, OmegaConf.from_dotlist(list(overrides)))
+        spec = OmegaConf.to_object(merged)
+    except Exception as error:  # noqa: BLE001 (OmegaConf raises several kinds; all mean "does not fit")
+        raise ConfigError(f"the saved config does not fit this version of rlft, or an override is wrong: "
+                          f"{' '.join(str(error).split())}") from None  # fmt: skip
+    problems = check_ranges(spec)
+    if problems:
+        raise ConfigError(problems[0])
+    return spec
+
+
+def to_dict(spec) -> dict:
+    """The spec as plain data (JSON- and YAML-able): for config hashes, config.yaml, wandb."""
+    return dataclasses.asdict(spec)
+
+
+def to_yaml(spec) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(spec)))
+
+
+# ---- devices ----
+DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 
 def resolve_device(name: str) -> torch.device:
+    if not DEVICE_PATTERN.match(name):
+        raise ConfigError(f"device={name} is not one of cpu, cuda, cuda:<index> or auto (cuda when one is visible)")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -100,82 +303,131 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def to_container(cfg: DictConfig | ListConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-def _require(condition: bool, message: str) -> None:
+# ---- the checks before anything starts ----
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
-def _one_of(name: str, value, choices: tuple) -> None:
-    _require(value in choices, f"{name}={value} is not one of {', '.join(map(str, choices))}")
+def fitting_rewards(image) -> list[str]:
+    """Rewards whose declared inputs fit an env's images (with their default settings)."""
+    return [name for name, cls in sorted(group_classes("reward").items()) if not cls().accepts().problems(image)]
 
 
-def validate(cfg: DictConfig) -> None:
-    """Impossible combinations, caught before Ray starts; each message names the values involved."""
-    from rlft.algorithms import load_algorithm, make_config, uses_rollouts
-    from rlft.envs.models import check_base_model
-    from rlft.envs.rewards import make_reward_from_config
+def validate(spec) -> None:
+    """Impossible combinations, caught before Ray starts and before any model is loaded; each message names the
+    values involved and a fix."""
+    from rlft.algorithms import load_algorithm
 
-    t, r, algo = cfg.trainer, cfg.ray, cfg.algo
+    t, r, algo, env = spec.trainer, spec.ray, spec.algo, spec.env
     module = load_algorithm(algo.name)
-    algo_config = make_config(module, algo)  # the algorithm's own checks (its Config's __post_init__)
+    resolve_device(spec.device)
+    for problem in env.problems():
+        raise ConfigError(problem)
     learners, workers = r.num_learners, r.num_rollout_workers
-    _require(learners >= 1 and workers >= 1, f"ray.num_learners={learners} and ray.num_rollout_workers={workers} "
-             "must both be at least 1")  # fmt: skip
-    _require(workers % learners == 0, f"ray.num_rollout_workers={workers} must be a multiple of ray.num_learners="
-             f"{learners}: each learner feeds from its own rollout workers")  # fmt: skip
-    _require(r.enabled or learners == 1, f"ray.enabled=false runs one learner, but ray.num_learners={learners}")
-    _require(cfg.eval.num_samples % t.rollout_batch_size == 0,
-             f"eval.num_samples={cfg.eval.num_samples} must be a multiple of trainer.rollout_batch_size="
-             f"{t.rollout_batch_size}")  # fmt: skip
-    if uses_rollouts(module, algo_config):  # collection and buffer sizes matter only to algorithms that use rollouts
+    require(workers % learners == 0, f"ray.num_rollout_workers={workers} must be a multiple of ray.num_learners="
+            f"{learners}: each learner feeds from its own rollout workers")  # fmt: skip
+    require(r.enabled or learners == 1, f"ray.enabled=false runs one learner, but ray.num_learners={learners}")
+    require(spec.eval.num_samples % t.rollout_batch_size == 0, f"eval.num_samples={spec.eval.num_samples} must be a "
+            f"multiple of trainer.rollout_batch_size={t.rollout_batch_size}")  # fmt: skip
+    if module.uses_rollouts(algo):  # collection and buffer sizes matter only to algorithms that use rollouts
         per_worker, remainder = divmod(t.samples_per_epoch, workers)
         batches = max(1, round(t.samples_per_epoch / workers / t.rollout_batch_size))
-        _require(remainder == 0 and per_worker % t.rollout_batch_size == 0 and per_worker > 0,
-                 f"trainer.samples_per_epoch={t.samples_per_epoch} must split into {workers} rollout worker(s) x whole "
-                 f"batches of trainer.rollout_batch_size={t.rollout_batch_size}; try samples_per_epoch="
-                 f"{workers * t.rollout_batch_size * batches}")
+        require(remainder == 0 and per_worker % t.rollout_batch_size == 0 and per_worker > 0,
+                f"trainer.samples_per_epoch={t.samples_per_epoch} must split into {workers} rollout worker(s) x whole "
+                f"batches of trainer.rollout_batch_size={t.rollout_batch_size}; try samples_per_epoch="
+                f"{workers * t.rollout_batch_size * batches}")  # fmt: skip
         per_learner = t.samples_per_epoch // learners
         capacity = t.buffer_capacity or per_learner
-        _require(capacity >= per_learner, f"trainer.buffer_capacity={capacity} is smaller than one epoch's "
-                 f"trajectories per learner ({per_learner}): new data would be evicted before it is trained on")
-        if "minibatch_size" in algo:
-            _require(0 < algo.minibatch_size <= per_learner, f"algo.minibatch_size={algo.minibatch_size} must lie in "
-                     f"1..{per_learner} (trajectories per learner per epoch)")  # fmt: skip
-    if getattr(module, "REQUIRES_STOCHASTIC_SAMPLER", False):
-        _require(cfg.env.eta > 0, f"algo={algo.name} needs log-probabilities of a stochastic sampler, but env.eta="
-                 f"{cfg.env.eta}; use env.eta=1.0 (or any value in (0, 1])")  # fmt: skip
-    if cfg.env.get("dataset") == "flowers102":  # user-supplied model, torchvision and data: say what is missing
-        from rlft.envs.flowers import check_flowers102
-
-        check_flowers102(cfg.env.data_root, cfg.env.base_model)
-    check_base_model(to_container(cfg.env))  # a missing base model stops the run here, before Ray starts
-    reward = make_reward_from_config(to_container(cfg.reward))  # loads reward models: missing ones stop it too
-    if getattr(module, "REQUIRES_DIFFERENTIABLE_REWARD", False):
-        _require(reward.differentiable, f"algo={algo.name} backpropagates through the reward, but reward="
-                 f"{cfg.reward.name} is not differentiable; choose a differentiable reward such as reward=digit")
-        _require(not cfg.reward.remote, f"algo={algo.name} backpropagates through the reward, which a remote reward "
-                 "actor cannot do; set reward.remote=false")  # fmt: skip
-    _require(r.enabled or not cfg.reward.remote, "reward.remote=true runs the reward in a Ray actor; it needs "
-             "ray.enabled=true (or set reward.remote=false)")  # fmt: skip
-    _require(cfg.policy.lora_rank >= 0, f"policy.lora_rank={cfg.policy.lora_rank} must be >= 0 (0 = full "
-             "fine-tuning)")  # fmt: skip
-    for problem in getattr(module, "validate", lambda cfg: [])(cfg):  # the algorithm's own checks
+        require(capacity >= per_learner, f"trainer.buffer_capacity={capacity} is smaller than one epoch's "
+                f"trajectories per learner ({per_learner}): new data would be evicted before it is trained on")
+        if hasattr(algo, "minibatch_size"):
+            require(algo.minibatch_size <= per_learner, f"algo.minibatch_size={algo.minibatch_size} must lie in "
+                    f"1..{per_learner} (trajectories per learner per epoch)")  # fmt: skip
+    if module.REQUIRES_STOCHASTIC_SAMPLER:
+        require(env.eta > 0, f"algo={algo.name} needs log-probabilities of a stochastic sampler, but env.eta="
+                f"{env.eta}; use env.eta=1.0 (or any value in (0, 1])")  # fmt: skip
+    accepts = spec.reward.accepts()
+    if module.REQUIRES_DIFFERENTIABLE_REWARD:
+        require(accepts.differentiable, f"algo={algo.name} backpropagates through the reward, but reward="
+                f"{spec.reward.name} is not differentiable; choose a differentiable reward such as reward=digit")
+        require(not r.remote_reward, f"algo={algo.name} backpropagates through the reward, which a remote reward "
+                "actor cannot do; set ray.remote_reward=false")  # fmt: skip
+    require(r.enabled or not r.remote_reward, "ray.remote_reward=true runs the reward in a Ray actor; it needs "
+            "ray.enabled=true (or set ray.remote_reward=false)")  # fmt: skip
+    for problem in module.validate(spec):  # the algorithm's own checks
         raise ConfigError(problem)
-    _one_of("trainer.lr_schedule", t.lr_schedule, ("constant", "cosine"))
-    _one_of("policy.dtype", cfg.policy.dtype, ("fp32", "bf16"))
-    if cfg.policy.fused_norm_silu:
-        _require(cfg.policy.compile and cfg.policy.channels_last, "policy.fused_norm_silu=true runs in the compiled "
-                 "NHWC network: set policy.compile=true policy.channels_last=true too")  # fmt: skip
+    require(spec.policy.lora_sampling_scale == 1.0 or spec.policy.lora_rank > 0, "policy.lora_sampling_scale scales "
+            "LoRA adapters, and policy.lora_rank=0 trains none; set policy.lora_rank=4 (or leave the scale at 1)")
+    if spec.policy.fused_norm_silu:
+        require(spec.policy.compile and spec.policy.channels_last, "policy.fused_norm_silu=true runs in the compiled "
+                "NHWC network: set policy.compile=true policy.channels_last=true too")  # fmt: skip
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        _require(resolve_device(cfg.device).type == "cuda" or interpreted, "policy.fused_norm_silu=true runs Triton "
-                 f"GPU kernels, and device={cfg.device} is not a GPU: use device=cuda, or policy.fused_norm_silu=false")
-    _one_of("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))
-    _require(t.epochs >= 1 and cfg.eval.every >= 1, "trainer.epochs and eval.every must be at least 1")
-    if cfg.device.startswith("cuda") and r.enabled:
-        _require(r.gpus_per_learner > 0 and r.gpus_per_rollout_worker > 0, f"device={cfg.device} with Ray needs "
-                 "ray.gpus_per_learner and ray.gpus_per_rollout_worker above 0 (fractions share one GPU)")
-    resolve_device(cfg.device)
+        require(resolve_device(spec.device).type == "cuda" or interpreted, "policy.fused_norm_silu=true runs Triton "
+                f"GPU kernels, and device={spec.device} is not a GPU: use device=cuda, or policy.fused_norm_silu=false")
+    if resolve_device(spec.device).type == "cuda" and r.enabled:
+        require(r.gpus_per_learner > 0 and r.gpus_per_rollout_worker > 0, f"device={spec.device} with Ray needs "
+                "ray.gpus_per_learner and ray.gpus_per_rollout_worker above 0 (fractions share one GPU)")
+    env.check()  # a missing base model stops the run here (reads config files only)
+    image = env.image_spec()
+    problems = accepts.problems(image)
+    if problems:
+        fits = [name for name in fitting_rewards(image) if name != spec.reward.name]
+        suggestion = f"; rewards that fit: {', '.join(fits)}" if fits else ""
+        raise ConfigError(f"reward={spec.reward.name} cannot score env={env.name}: {'; '.join(problems)} (env "
+                          f"{env.name}'s default is reward={env.default_reward}){suggestion}")  # fmt: skip
+    spec.reward.check()  # a missing reward model stops it too
+    judge = spec.judge
+    if judge.name != "none":
+        require(dataclasses.asdict(judge) != dataclasses.asdict(spec.reward), f"judge={judge.name} is the training "
+                "reward itself, so it cannot tell a real gain from reward hacking; choose another judge or judge=none")
+        problems = judge.accepts().problems(image)
+        require(not problems, f"judge={judge.name} cannot score env={env.name}: {'; '.join(problems)}; choose another "
+                "judge or judge=none")  # fmt: skip
+        judge.check()
+
+
+# ---- --help ----
+def help_text(prog: str, usage: str, config_name: str = "config") -> str:
+    """The usage, the groups and their choices, and every top-level key with what it accepts and its comment."""
+    lines = [f"usage: {prog} {usage}", ""]
+    if config_name == "config":
+        lines.append("config groups (group=<choice>; the defaults first):")
+        for group in GROUPS:
+            options = group_options(group)
+            default = DEFAULT_CHOICES[group]
+            ordered = [default] + [o for o in options if o != default]
+            lines.append(f"  {group}: {', '.join(ordered)}")
+        lines += ["", "keys (key=value; a group's own keys: algo.<key>, env.<key>, reward.<key>, judge.<key>, shown by "
+                  "--cfg):"]
+    root = run_schema() if config_name == "config" else pretrain_schema()
+    for key, field, annotation in documented_fields(root):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if dataclasses.is_dataclass(default):
+            continue
+        lines.append(f"  {key}={format_value(default)}  # {field.metadata['doc']}; {accepted(field, annotation)}")
+    lines += ["", f"{prog} [overrides] --cfg job   prints the composed config (every key, its value and comment)"]
+    return "\n".join(lines)
+
+
+def commented_config(spec, prefix: str = "", indent: str = "") -> list[str]:
+    """The composed spec as YAML lines, each key with its comment and what it accepts."""
+    from rlft.core.spec import hints
+
+    lines = []
+    annotations = hints(type(spec))
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        if dataclasses.is_dataclass(value):
+            kind = f"  # {type(value).__name__}" if prefix == "" and field.name in GROUPS else ""
+            lines.append(f"{indent}{field.name}:{kind}")
+            lines += commented_config(value, f"{prefix}{field.name}.", indent + "  ")
+            continue
+        rendered = OmegaConf.to_yaml({field.name: value}).strip()
+        if "\n" in rendered:  # lists and dicts in flow style keep one line per key
+            rendered = f"{field.name}: {OmegaConf.to_yaml(OmegaConf.create({'v': value})).strip()[3:]}"
+            rendered = f"{field.name}: {value!r}" if "\n" in rendered else rendered
+        doc = field.metadata.get("doc")
+        comment = f"  # {doc}; {accepted(field, annotations[field.name])}" if doc else ""
+        lines.append(f"{indent}{rendered}{comment}")
+    return lines

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlft.policy import DiffusionPolicy
+from rlft.policy import DiffusionPolicy, has_adapters
+from rlft.spec import PolicySpec
 
 
 def apply_lora(unet: nn.Module, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0) -> nn.Module:
@@ -39,22 +40,24 @@ def apply_lora(unet: nn.Module, rank: int, alpha: float, target_modules: list[st
     return unet
 
 
-def configure_policy(policy: DiffusionPolicy, policy_cfg: dict, checkpointing_default: bool = False) -> DiffusionPolicy:
+def configure_policy(policy: DiffusionPolicy, spec: PolicySpec, checkpointing_default: bool = False) -> DiffusionPolicy:
     """Apply the `policy:` config section: LoRA (rank 0 = full fine-tuning) and gradient checkpointing."""
-    if policy_cfg["lora_rank"]:
-        apply_lora(
-            policy.unet, policy_cfg["lora_rank"], policy_cfg["lora_alpha"], policy_cfg["lora_target_modules"],
-            policy_cfg["lora_dropout"],
-        )  # fmt: skip
-    checkpointing = policy_cfg["gradient_checkpointing"]
+    if spec.lora_rank:
+        apply_lora(policy.unet, spec.lora_rank, spec.lora_alpha, spec.lora_target_modules, spec.lora_dropout)
+    checkpointing = spec.gradient_checkpointing
     policy.gradient_checkpointing = checkpointing_default if checkpointing is None else bool(checkpointing)
     return policy
 
 
-def has_adapters(module: nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
+def scale_adapters(module: nn.Module, factor: float) -> None:
+    """Multiply every LoRA adapter's update by `factor` (DRaFT sec. 4.3: sampling with a down-scaled LoRA
+    interpolates between the base and the fine-tuned model), in place; the trained weights are unchanged."""
+    from peft.tuners.lora import LoraLayer
 
-    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+    for layer in module.modules():
+        if isinstance(layer, LoraLayer):
+            for adapter in layer.scaling:
+                layer.scaling[adapter] *= factor
 
 
 def save_adapters(policy: DiffusionPolicy, path: str | Path) -> None:

@@ -5,42 +5,53 @@
        +-- TorchTrainer: learners 0..L-1 (DDP) --+--> rollout actors (each learner feeds from its own)
 
 Each learner keeps its own buffer shard, so trajectories stay on the node that made them; only weights
-(and the reports of rank 0) cross process boundaries.
+(and the reports of rank 0) cross process boundaries. Every blocking call has a timeout: a rollout actor that does
+not answer within `ray.collect_timeout_s` counts as hung and is replaced (Ray restarts it and retries its call). An
+error the user can fix (a reward of the wrong shape, a full disk) ends the run with one line, not a traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 
-from rlft.checkpoint import Checkpointer
-from rlft.config import resolve_device
+from rlft.checkpoint import Checkpointer, CheckpointError
+from rlft.config import ConfigError, resolve_device
+from rlft.envs.rewards import RewardError
 from rlft.learner import Report, train
+from rlft.remote_reward import actor_restarts, wait_for_restart
 from rlft.rollout import RolloutGroup, RolloutWorker, local_call
+from rlft.train_loop import learner_loop
 
 # Rollout workers and learners take turns on the same cores. After each parallel region libgomp busy-waits
 # for a long while by default, so the idle process's OpenMP threads steal the cores of the busy one (measured
 # on 2 cores: a rollout actor ran 5-7x slower beside an idle learner). A short spin keeps back-to-back ops
 # fast and releases the cores within microseconds; a value the user exported wins.
 WORKER_ENV = {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}
+# errors a user can act on: they end the run with their message alone (the learners report them to the driver)
+RUN_ERRORS = (ConfigError, CheckpointError, RewardError, FileNotFoundError)
 
 
-def quiet_worker_logs() -> None:
-    """Runs in every Ray worker: without the dashboard (off here) Ray Train's placement-group cleaner cannot use
-    the state API and warns about it every few seconds; that warning says nothing about the run."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+class StopRun(Exception):
+    """Raised in the driver to end a run with one line: an error the learners reported."""
 
 
-def init_ray(cfg: dict) -> None:
+def error_message(error: BaseException) -> str:
+    """The message of an error, also when Ray wrapped it (a RayTaskError's own text holds the remote traceback)."""
+    cause = getattr(error, "cause", None)
+    return " ".join(str(cause if isinstance(cause, BaseException) else error.args[0] if error.args else error).split())
+
+
+def init_ray(spec) -> None:
     """Join `ray.address` or $RAY_ADDRESS if given, else start a local Ray with the dashboard off."""
-    start_ray(cfg["ray"]["address"], cfg["ray"]["num_cpus"])
+    start_ray(spec.ray.address, spec.ray.num_cpus)
 
 
 def start_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str] | None = None) -> None:
@@ -48,11 +59,15 @@ def start_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
     cores, at least 4) and the dashboard off; `env_vars` reach every worker. Used by runs and by sweeps."""
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {**WORKER_ENV, **(env_vars or {})},
-                   "worker_process_setup_hook": "rlft.pipeline.quiet_worker_logs"}  # fmt: skip
+    runtime_env = {"env_vars": {**WORKER_ENV, **(env_vars or {})}}
+    # Ray turns on token authentication for the local cluster it starts and says so on every start; that is Ray's
+    # default, not news about the run
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
+    # log_to_driver=False: the workers' logs (Ray Train's controller chatter, Ray's own warnings) stay in Ray's log
+    # files; what a run has to say reaches the terminal through its reports (rlft.recorder)
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env, log_to_driver=False)
         return
     num_cpus = num_cpus or max(4, os.cpu_count() or 1)  # logical CPUs: Train inside Tune needs headroom
     # Ray starts workers at nice 15, below its own service threads. Every wake-up of those then preempts a
@@ -60,17 +75,42 @@ def start_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
     # update ran 20-30% slower in Ray Train than in a plain process. Here the workers are the job, so they run
     # at the driver's priority (a value the user exported wins; a cluster joined above keeps its own setting).
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env,
+             log_to_driver=False)  # fmt: skip
 
 
-def ray_call(calls: list[tuple[Any, str, tuple]]) -> list[Any]:
-    """Run actor methods concurrently; a dict argument (weights) goes to the object store once, not per actor."""
-    stored: dict[int, ray.ObjectRef] = {}
-    futures = []
-    for actor, method, args in calls:
-        args = tuple(stored.setdefault(id(a), ray.put(a)) if isinstance(a, dict) else a for a in args)
-        futures.append(getattr(actor, method).remote(*args))
-    return ray.get(futures)
+class RayCall:
+    """Run actor methods concurrently, each within `timeout_s`: an actor that has not answered by then is killed,
+    Ray restarts it and retries the call (the actors' max_task_retries), up to `restarts` times. A dict argument
+    (weights) goes to the object store once, not per actor."""
+
+    def __init__(self, timeout_s: float = float("inf"), restarts: int = 0, warn: Callable[[str], None] = print):
+        self.timeout_s, self.restarts, self.warn = timeout_s, restarts, warn
+
+    def __call__(self, calls: list[tuple[Any, str, tuple]]) -> list[Any]:
+        stored: dict[int, ray.ObjectRef] = {}
+        futures = []
+        for actor, method, args in calls:
+            args = tuple(stored.setdefault(id(a), ray.put(a)) if isinstance(a, dict) else a for a in args)
+            futures.append(getattr(actor, method).remote(*args))
+        timeout = None if self.timeout_s == float("inf") else self.timeout_s
+        for attempt in range(self.restarts + 1):
+            _, pending = ray.wait(futures, num_returns=len(futures), timeout=timeout)
+            if not pending:
+                return ray.get(futures)
+            if attempt == self.restarts:
+                break
+            replaced = []
+            for actor, future in zip((actor for actor, _, _ in calls), futures, strict=True):
+                if future in pending:
+                    self.warn(f"a rollout worker did not answer within ray.collect_timeout_s={self.timeout_s:g} s; "
+                              "replacing it and retrying its call")  # fmt: skip
+                    replaced.append((actor, actor_restarts(actor)))
+                    ray.kill(actor, no_restart=False)
+            for actor, before in replaced:  # the retried calls are timed from when their new actors are up
+                wait_for_restart(actor, before)
+        raise RuntimeError(f"rollout workers did not answer within ray.collect_timeout_s={self.timeout_s:g} s, "
+                           f"{self.restarts + 1} times; raise ray.collect_timeout_s for slow rollouts")
 
 
 def share_weights(weights: dict) -> list:
@@ -78,61 +118,55 @@ def share_weights(weights: dict) -> list:
     return [ray.put(weights)]
 
 
-def start_rollout_actors(cfg: dict, worker_class: type = RolloutWorker) -> list[Any]:
+def start_rollout_actors(spec, worker_class: type = RolloutWorker) -> list[Any]:
     """Rollout actors; a crashed one is restarted and its unfinished call retried (it then fetches the weights)."""
-    r = cfg["ray"]
-    restarts = r["max_rollout_restarts"]
+    r = spec.ray
+    restarts = r.max_rollout_restarts
     actor_class = ray.remote(
-        num_cpus=r["cpus_per_rollout_worker"], num_gpus=r["gpus_per_rollout_worker"], max_restarts=restarts,
+        num_cpus=r.cpus_per_rollout_worker, num_gpus=r.gpus_per_rollout_worker, max_restarts=restarts,
         max_task_retries=restarts,
-    )(worker_class)
-    return [actor_class.remote(cfg, i) for i in range(r["num_rollout_workers"])]
+    )(worker_class)  # fmt: skip
+    return [actor_class.remote(spec, i) for i in range(r.num_rollout_workers)]
 
 
-def _learner_loop(config: dict) -> None:
-    """`train_loop_per_worker` of the TorchTrainer: one learner replica with its own rollout actors."""
-    import ray.train
-    import ray.train.torch
-
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    cfg, actors, queue = config["cfg"], config["actors"], config["queue"]
-    per_learner = len(actors) // world_size
-    rollouts = RolloutGroup(actors[rank * per_learner : (rank + 1) * per_learner], ray_call, share_weights)
-    device = ray.train.torch.get_device() if cfg["ray"]["gpus_per_learner"] else torch.device("cpu")
-    train(cfg, rollouts, lambda kind, payload: queue.put((kind, payload)), device, rank, world_size,
-          config.get("checkpointer"))  # fmt: skip
-
-
-def run_with_ray(cfg: dict, report: Report, run_dir: Path, checkpointer: Checkpointer | None = None,
-                 worker_class: type = RolloutWorker) -> None:  # fmt: skip
+def run_with_ray(spec, report: Report, run_dir: Path, checkpointer: Checkpointer | None = None,
+                 worker_class: type = RolloutWorker, stop: threading.Event | None = None) -> None:  # fmt: skip
     """Learners in Ray Train; when one dies, Ray Train restarts the group (up to ray.max_learner_failures times)
-    and every replica resumes from the newest checkpoint."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    and every replica resumes from the newest checkpoint. Setting `stop` (Ctrl-C) ends the run after the epoch in
+    progress, with a checkpoint."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
+    from ray.util.queue import Empty, Queue
 
-    init_ray(cfg)
+    init_ray(spec)
     reward_server = None
-    if cfg["reward"].get("remote"):  # the reward model in its own actor, started before the actors that call it
+    if spec.ray.remote_reward:  # the reward model in its own actor, started before the actors that call it
         from rlft.remote_reward import start_reward_server
 
-        cfg, reward_server = start_reward_server(cfg)
-    actors = start_rollout_actors(cfg, worker_class)
+        spec, reward_server = start_reward_server(spec)
+    actors = start_rollout_actors(spec, worker_class)
     queue = Queue()
-    r = cfg["ray"]
-    use_gpu = bool(r["gpus_per_learner"])
+    # a stop request travels as a file in the run folder: every learner sees it (on a cluster the run folder is on
+    # shared storage), and it costs no extra Ray actor
+    stop_file = run_dir / ".stop"
+    stop_file.unlink(missing_ok=True)
+    r = spec.ray
+    use_gpu = bool(r.gpus_per_learner)
 
     def make_trainer() -> TorchTrainer:
         return TorchTrainer(
-            _learner_loop,
-            train_loop_config={"cfg": cfg, "actors": actors, "queue": queue, "checkpointer": checkpointer},
+            learner_loop,
+            # pickled here and unpickled only in the learners: Ray Train's controller process then never imports
+            # rlft's layers (torch, diffusers, tensordict: seconds of CPU per process on a small machine)
+            train_loop_config={"job": pickle.dumps((spec, checkpointer, str(stop_file))), "actors": actors,
+                               "queue": queue},
             scaling_config=ScalingConfig(
-                num_workers=r["num_learners"], use_gpu=use_gpu,
-                resources_per_worker={"CPU": 1, **({"GPU": r["gpus_per_learner"]} if use_gpu else {})},
+                num_workers=r.num_learners, use_gpu=use_gpu,
+                resources_per_worker={"CPU": 1, **({"GPU": r.gpus_per_learner} if use_gpu else {})},
             ),
-            run_config=RunConfig(name="learners", storage_path=str((run_dir / "ray").resolve()),
-                                 failure_config=FailureConfig(max_failures=r["max_learner_failures"])),
+            run_config=RunConfig(name="learners", storage_path=str(run_dir / "ray"),
+                                 failure_config=FailureConfig(max_failures=r.max_learner_failures),
+                                 logging_config=LoggingConfig(log_level="ERROR")),
         )  # fmt: skip
 
     failure: list[BaseException] = []
@@ -147,14 +181,26 @@ def run_with_ray(cfg: dict, report: Report, run_dir: Path, checkpointer: Checkpo
 
     thread = threading.Thread(target=fit, name="rlft-trainer", daemon=True)
     thread.start()
+    errors: list[str] = []
     while True:
-        kind, payload = queue.get()
+        if stop is not None and stop.is_set() and not stop_file.exists():
+            stop_file.touch()
+        try:
+            kind, payload = queue.get(timeout=0.5)
+        except Empty:
+            continue
         if kind == "done":
             break
+        if kind == "error":
+            errors.append(payload["message"])
+            continue
         report(kind, payload)
     thread.join()
+    stop_file.unlink(missing_ok=True)
     for actor in actors + ([reward_server] if reward_server else []):
         ray.kill(actor)
+    if errors:
+        raise StopRun(errors[0])
     if failure:
         raise failure[0]
 
@@ -185,7 +231,9 @@ def lost_port_race(error: BaseException) -> bool:
     return isinstance(error, ControllerError) and "EADDRINUSE" in str(error)
 
 
-def run_local(cfg: dict, report: Report, checkpointer: Checkpointer | None = None) -> None:
+def run_local(spec, report: Report, checkpointer: Checkpointer | None = None,
+              stop: threading.Event | None = None) -> None:  # fmt: skip
     """The same loop in this process, no Ray: rollout workers as plain objects, one learner."""
-    workers = [RolloutWorker(cfg, i) for i in range(cfg["ray"]["num_rollout_workers"])]
-    train(cfg, RolloutGroup(workers, local_call), report, resolve_device(cfg["device"]), checkpointer=checkpointer)
+    workers = [RolloutWorker(spec, i) for i in range(spec.ray.num_rollout_workers)]
+    train(spec, RolloutGroup(workers, local_call), report, resolve_device(spec.device), checkpointer=checkpointer,
+          stop_requested=stop.is_set if stop is not None else lambda: False)  # fmt: skip

@@ -1,91 +1,46 @@
-"""The policy: a diffusers network plus the DDIM transition with its log-probability.
+"""The policy: a diffusers network behind the sampler step of rlft.core.sampler.
 
-`ddim_step` is the pure sampler step every algorithm relies on (Song et al. 2021, eq. 12; DDPO, Black et al.
-2023, sec. 4.2). It takes the network output and returns `(prev_sample, log_prob, mean, std)`.
+`DiffusionPolicy.step` is the network call (guided for conditional models) plus `ddim_step`, which returns
+`(prev_sample, log_prob, mean, std, x0_hat)`. `reference_forward` is the frozen base network's prediction: adapters
+switched off (LoRA), the base network under a correction (DEFT), or a frozen copy kept for the purpose (full
+fine-tuning with a KL penalty or Adjoint Matching's lean adjoints).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import contextlib
+import copy
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from rlft.envs.schedule import DDIMSchedule
-
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-@dataclass
-class StepOutput:
-    prev_sample: torch.Tensor  # x_{t-1}, [B, C, H, W]
-    log_prob: torch.Tensor  # [B] float32: log N(prev_sample; mean, std^2) averaged over image dimensions
-    mean: torch.Tensor  # [B, C, H, W] float32
-    std: torch.Tensor  # [B, 1, 1, 1] float32
-
-
-def _per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
-    return value.reshape(-1, *([1] * (like.dim() - 1)))  # [B or 1, 1, 1, 1]
-
-
-def ddim_step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    alpha_prod: torch.Tensor | float,
-    alpha_prod_prev: torch.Tensor | float,
-    eta: float,
-    noise: torch.Tensor | None = None,
-    prev_sample: torch.Tensor | None = None,
-) -> StepOutput:
-    """One DDIM transition x_t -> x_{t-1} ~ N(mean, std^2 I) with an epsilon-prediction network.
-
-    Give `noise` to sample `prev_sample = mean + std * noise`, or `prev_sample` to score a given transition
-    (DDPO's new log-probability of an old action). The maths runs in fp32 whatever the network's dtype, since
-    importance ratios of bf16 log-probabilities are far from 1 even on-policy.
-    """
-    if (noise is None) == (prev_sample is None):
-        raise ValueError("ddim_step needs exactly one of `noise` (to sample) or `prev_sample` (to score)")
-    eps = model_output.float()
-    x_t = sample.float()
-    a_t, a_prev = _per_sample(alpha_prod, x_t), _per_sample(alpha_prod_prev, x_t)
-    x0_hat = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # the DDPM posterior variance
-    std = eta * variance.clamp(min=0).sqrt()
-    mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
-    if prev_sample is None:
-        prev_sample = mean + std * noise.float()
-    x_prev = prev_sample.float()
-    # Gaussian log-density per dimension, then the mean over dimensions (not the sum: see DDPO's clip range).
-    # A deterministic step (std = 0: eta = 0, or the last step onto alpha-bar = 1) has no density; it gets
-    # log_prob 0, and algorithms that need densities train only on stochastic steps (`stochastic_steps`).
-    std = std.expand(x_prev.shape[0], *std.shape[1:])
-    stochastic = std > 0
-    safe_std = torch.where(stochastic, std, torch.ones_like(std))
-    log_prob = -((x_prev.detach() - mean) ** 2) / (2 * safe_std**2) - safe_std.log() - LOG_SQRT_2PI
-    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
-    log_prob = log_prob.mean(dim=tuple(range(1, x_prev.dim())))
-    return StepOutput(prev_sample, log_prob, mean, std)
+from rlft.core.sampler import StepOutput, ddim_step, guide
+from rlft.core.schedule import DDIMSchedule
 
 
 class DiffusionPolicy(nn.Module):
     """A noise-prediction network (diffusers UNet2DModel or UNet2DConditionModel) and the DDIM schedule.
 
-    `forward` is the network call only, so DDP can wrap the policy; `step` is forward + `ddim_step`.
+    `forward` is the network call only, so DDP can wrap the policy; `step` is forward + `ddim_step`. Conditional
+    models are guided (classifier-free guidance with `null_context`, the env's negative-prompt embedding) with
+    `guidance_scale` unless a call gives its own.
     """
 
     def __init__(
         self, unet: nn.Module, schedule: DDIMSchedule, autocast_dtype: torch.dtype | None = None,
-        correction: nn.Module | None = None,
+        correction: nn.Module | None = None, null_context: torch.Tensor | None = None, guidance_scale: float = 1.0,
     ):  # fmt: skip
         super().__init__()
         self.unet = unet
         self.schedule = schedule
         self.autocast_dtype = autocast_dtype  # bf16 autocast for the network; the step maths stays fp32
         self.memory_format = torch.contiguous_format
-        self.conditional = hasattr(unet.config, "cross_attention_dim") and unet.config.cross_attention_dim
+        self.conditional = bool(getattr(unet.config, "cross_attention_dim", None))
+        if self.conditional and null_context is None and guidance_scale != 1.0:
+            raise ValueError("classifier-free guidance needs the null context (the negative prompt's embedding)")
+        self.register_buffer("null_context", null_context, persistent=False)  # [1, *ctx] or None
+        self.guidance_scale = float(guidance_scale)  # of sampling; calls may give another (Adjoint Matching)
         self.gradient_checkpointing = False  # set by rlft.lora.configure_policy from the `policy:` config
         self.backward_layout_pass = None  # compile_network's NHWCConvolutionBackward, when the network is NHWC
         self.fused_norm_silu_count = 0  # group norms compile_network routed through rlft's Triton kernels
@@ -94,6 +49,14 @@ class DiffusionPolicy(nn.Module):
         self.correction = correction
         if correction is not None:
             self.unet.requires_grad_(False)
+        self.reference_unet: nn.Module | None = None  # a frozen copy, made by keep_reference when it is needed
+
+    def keep_reference(self) -> None:
+        """Make `reference_forward` available. A frozen copy of the network is kept only when nothing cheaper gives
+        the base model's prediction: with LoRA adapters they are switched off, under a correction the base network is
+        frozen anyway. Call it after LoRA adapters are added and before compiling."""
+        if self.correction is None and self.reference_unet is None and not has_adapters(self.unet):
+            self.reference_unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
 
     def use_channels_last(self) -> None:
         """NHWC layout for the network and its inputs: cuDNN's fast convolution layout for bf16 tensor cores.
@@ -109,19 +72,20 @@ class DiffusionPolicy(nn.Module):
         check the compiled network against eager on `probe` = (x_t, timestep, context): its output and, with
         `check_gradients`, the gradients of the trainable parameters. `inductor_options` go to inductor as they are
         (torch._inductor.config names, e.g. {"coordinate_descent_tuning": True}). `fused_norm_silu` first routes
-        each group norm + SiLU through rlft's Triton kernels (rlft/group_norm_silu.py), so the check covers them too.
+        each group norm + SiLU through rlft's Triton kernels (rlft/kernels/group_norm_silu.py), so the check covers
+        them too.
 
         Why check: a miscompiled backward trains silently wrong. With torch 2.13's inductor on CPU, the digits UNet's
         compiled backward dropped the gradient through its lowest-resolution upsampler, so every weight at 4x4 got
         a zero gradient while the output still matched eager. The check costs one eager and one compiled call."""
         reference = self._probe(probe, check_gradients)
         if fused_norm_silu:
-            from rlft.group_norm_silu import fuse_norm_silu  # imports triton: only when asked for
+            from rlft.kernels.group_norm_silu import fuse_norm_silu  # imports triton: only when asked for
 
             self.fused_norm_silu_count = fuse_norm_silu(self.unet)
         options = dict(inductor_options or {})
         if self.memory_format == torch.channels_last:
-            from rlft.inductor_passes import NHWCConvolutionBackward  # imports inductor: only when compiling
+            from rlft.kernels.inductor_passes import NHWCConvolutionBackward  # imports inductor: only when compiling
 
             self.backward_layout_pass = NHWCConvolutionBackward()
             # force: the layout decision counts forward convolutions, and a backward graph has none
@@ -167,45 +131,83 @@ class DiffusionPolicy(nn.Module):
         return next(self.unet.parameters()).device
 
     def forward(
-        self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, base_output: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The noise prediction; `base_output` is the base network's, when the caller has it already (DEFT)."""
+        self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, base_output: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The network's prediction (guided); `base_output` is the base network's, when the caller has it (DEFT)."""
         if base_output is None:
-            base_output = self.base_forward(x_t, timestep, context)
+            base_output = self.base_forward(x_t, timestep, context, guidance_scale)
         if self.correction is None:
             return base_output
         return base_output.float() + self.correction(x_t, timestep, context, base_output)
 
-    def base_forward(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def base_forward(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                     guidance_scale: float | None = None, network: nn.Module | None = None) -> torch.Tensor:
+        """The network alone (no correction), guided with `guidance_scale` (default: the policy's) for conditional
+        models: one batched call on the context and the null context."""
+        network = self.unet if network is None else network
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        if not self.conditional or w == 1.0:
+            return self._checkpointed(network, x_t, timestep, context)
+        null = self.null_context.to(context.dtype).expand(len(context), *context.shape[1:])
+        both = self._checkpointed(network, torch.cat([x_t, x_t]), torch.cat([timestep, timestep]),
+                                  torch.cat([context, null]))  # fmt: skip
+        conditional, unconditional = both.chunk(2)
+        return guide(conditional, unconditional, w)
+
+    def reference_forward(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                          guidance_scale: float | None = None) -> torch.Tensor:  # fmt: skip
+        """The frozen base model's prediction at (x_t, t, c): what a KL penalty or AM's lean adjoint compares with.
+        Differentiable in x_t (AM takes vector-Jacobian products through it); no parameter gets a gradient."""
+        if self.correction is not None:
+            return self.base_forward(x_t, timestep, context, guidance_scale)
+        if has_adapters(self.unet):
+            with adapters_disabled(self.unet):
+                return self.base_forward(x_t, timestep, context, guidance_scale)
+        if self.reference_unet is None:
+            raise RuntimeError("this policy keeps no reference network; build it with keep_reference()")
+        return self.base_forward(x_t, timestep, context, guidance_scale, network=self.reference_unet)
+
+    def _checkpointed(self, network: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor,
+                      context: torch.Tensor) -> torch.Tensor:  # fmt: skip
         if self.gradient_checkpointing and torch.is_grad_enabled():
             # keep only this call's inputs; its activations are recomputed in the backward pass
-            return torch.utils.checkpoint.checkpoint(self._network, x_t, timestep, context, use_reentrant=False)
-        return self._network(x_t, timestep, context)
+            return torch.utils.checkpoint.checkpoint(self._network, network, x_t, timestep, context,
+                                                     use_reentrant=False)  # fmt: skip
+        return self._network(network, x_t, timestep, context)
 
-    def _network(self, x_t: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _network(self, network: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor,
+                 context: torch.Tensor) -> torch.Tensor:  # fmt: skip
         x_t = x_t.contiguous(memory_format=self.memory_format)
         with torch.autocast(x_t.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
             if self.conditional:
-                return self.unet(x_t, timestep, encoder_hidden_states=context).sample
-            return self.unet(x_t, timestep).sample
+                return network(x_t, timestep, encoder_hidden_states=context).sample
+            return network(x_t, timestep).sample
 
     def step(
         self,
         x_t: torch.Tensor,
-        step_index: int,
+        step_index: int | torch.Tensor,
         context: torch.Tensor,
+        *,
         noise: torch.Tensor | None = None,
         prev_sample: torch.Tensor | None = None,
         network: nn.Module | None = None,
         base_output: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
+        reference: bool = False,
     ) -> StepOutput:
-        """Sampler step k of the schedule; `network` is this policy or its DDP wrapper (defaults to self)."""
+        """Sampler step k (an int, or [B] per sample) of the schedule. `network` is this policy or its DDP wrapper
+        (default: self); `reference` steps the frozen base model instead; `eta` overrides the schedule's."""
         s = self.schedule
+        step_index = step_index if isinstance(step_index, int) else step_index.to(s.timesteps.device)
         timestep = s.timesteps[step_index].expand(x_t.shape[0])
-        eps = (network or self)(x_t, timestep, context, base_output)
-        return ddim_step(
-            eps, x_t, s.alpha_prod[step_index], s.alpha_prod_prev[step_index], s.eta, noise, prev_sample
-        )
+        if reference:
+            output = self.reference_forward(x_t, timestep, context, guidance_scale)
+        else:
+            output = (network or self)(x_t, timestep, context, base_output, guidance_scale)
+        return ddim_step(s, step_index, output, x_t, noise=noise, prev_sample=prev_sample, eta=eta)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights an update changes (all of them, or LoRA adapters only), detached on CPU."""
@@ -219,20 +221,25 @@ class DiffusionPolicy(nn.Module):
         self.load_state_dict(weights, strict=False)
 
 
-def load_base_model(spec: str) -> tuple[nn.Module, dict]:
-    """Load a base DDPM as (UNet2DModel, scheduler config) from "builtin:digits", a folder or a hub id.
+def has_adapters(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    Stable Diffusion bases (env.model_type=stable_diffusion) load by component in `rlft.stable_diffusion`.
-    """
-    from rlft.envs.models import load_ddpm
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
-    if spec == "builtin:digits":
-        from rlft.envs.digits import BASE_MODEL_DIR
 
-        path = BASE_MODEL_DIR
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"the shipped digits DDPM is missing from {path}; train it with `python -m rlft.pretrain env=digits`"
-            )
-        spec = str(path)
-    return load_ddpm(spec)
+@contextlib.contextmanager
+def adapters_disabled(module: nn.Module):
+    """The network without its LoRA adapters (the base model) inside the block; which parameters train is kept."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    trains = {p: p.requires_grad for layer in layers for p in layer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for parameter, requires_grad in trains.items():  # peft's enable_adapters(True) makes adapters trainable
+            parameter.requires_grad_(requires_grad)

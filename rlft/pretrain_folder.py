@@ -13,6 +13,7 @@ with the same OUT continues from it, and gives the same weights as an uninterrup
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -20,10 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from tqdm import tqdm
 
-from rlft.checkpoint import due
+from rlft.checkpoint import due, join_tensors, split_tensors
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -53,7 +53,7 @@ def load_image_folder(folder: str | Path, size: int, channels: int) -> torch.Ten
     return torch.stack(images).permute(0, 3, 1, 2).contiguous()  # [N, C, H, W] uint8
 
 
-def unet_config(p: DictConfig) -> dict:
+def unet_config(p) -> dict:
     """A UNet2DModel for `image_size` x `image_size` x `channels`; attention at the levels in `attention_levels`."""
     levels = len(p.block_out_channels)
     if p.image_size % 2 ** (levels - 1):
@@ -77,8 +77,11 @@ def save_checkpoint(path: Path, unet, ema, optimizer, lr_schedule, generator: to
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet.safetensors"))
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                "generator": generator.get_state(), "step": step}, tmp / "training_state.pt")  # fmt: skip
+    tensors: dict[str, torch.Tensor] = {}  # the rest as JSON plus its tensors: nothing here is ever unpickled
+    state = split_tensors({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                           "generator": generator.get_state(), "step": step}, tensors)  # fmt: skip
+    save_file(tensors, str(tmp / "training_state.safetensors"))
+    (tmp / "training_state.json").write_text(json.dumps(state))
     for file in tmp.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
@@ -94,14 +97,15 @@ def load_checkpoint(path: Path, unet, ema, optimizer, lr_schedule, generator: to
 
     unet.load_state_dict(load_file(str(path / "unet.safetensors")))
     ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-    state = torch.load(path / "training_state.pt", weights_only=True)
+    state = join_tensors(json.loads((path / "training_state.json").read_text()),
+                         load_file(str(path / "training_state.safetensors")))  # fmt: skip
     optimizer.load_state_dict(state["optimizer"])
     lr_schedule.load_state_dict(state["lr_schedule"])
     generator.set_state(state["generator"])
     return int(state["step"])
 
 
-def fit_ddpm(images: torch.Tensor, unet_config: dict, cfg: DictConfig, out_dir: Path, device: torch.device,
+def fit_ddpm(images: torch.Tensor, unet_config: dict, cfg, out_dir: Path, device: torch.device,
              desc: str, hflip: bool, checkpoint: Path | None) -> None:  # fmt: skip
     """Train a UNet2DModel with the DDPM objective on `images` ([N, C, H, W], uint8 or floats in [-1, 1]) and
     save its EMA weights and scheduler into `out_dir`; resumable from `checkpoint` when one is given."""
@@ -157,7 +161,7 @@ def fit_ddpm(images: torch.Tensor, unet_config: dict, cfg: DictConfig, out_dir: 
     scheduler.save_pretrained(out_dir)
 
 
-def train_folder_ddpm(cfg: DictConfig, out_dir: Path, device: torch.device) -> Path:
+def train_folder_ddpm(cfg, out_dir: Path, device: torch.device) -> Path:
     p = cfg.pretrain
     images = load_image_folder(p.image_folder, p.image_size, p.channels)
     fit_ddpm(images, unet_config(p), cfg, out_dir, device, "DDPM", p.hflip, out_dir / "checkpoint")

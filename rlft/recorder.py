@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from rlft.config import to_dict, to_yaml
 from rlft.envs.rewards import to_uint8
 
 
@@ -41,24 +41,25 @@ def image_grid(images: torch.Tensor, columns: int = 8) -> PIL.Image.Image:  # no
 
 
 class Recorder:
-    def __init__(self, run_dir: Path, cfg, total_epochs: int, wandb_run_id: str | None = None):
+    def __init__(self, run_dir: Path, spec, wandb_run_id: str | None = None):
         self.run_dir = Path(run_dir)
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (self.run_dir / "config.yaml").write_text(to_yaml(spec))
+        logging, total_epochs = spec.logging, spec.trainer.epochs
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run)
         self.history: list[dict] = []
         self.evals: list[dict] = []
         self.wandb = None
-        if cfg.logging.wandb != "disabled":
+        if logging.wandb != "disabled":
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(
-                project=cfg.logging.wandb_project, dir=str(self.run_dir), mode=cfg.logging.wandb,
-                config=OmegaConf.to_container(cfg, resolve=True), name=cfg.logging.wandb_name or self.run_dir.name,
-                group=cfg.logging.wandb_group, id=wandb_run_id, resume="allow" if wandb_run_id else None,
+                project=logging.wandb_project, dir=str(self.run_dir), mode=logging.wandb, config=to_dict(spec),
+                name=logging.wandb_name or self.run_dir.name, group=logging.wandb_group, id=wandb_run_id,
+                resume="allow" if wandb_run_id else None,
             )  # fmt: skip
-        self.bar = tqdm(total=total_epochs, desc="rlft", unit="epoch", disable=not cfg.logging.progress)
+        self.bar = tqdm(total=total_epochs, desc="rlft", unit="epoch", disable=not logging.progress)
 
     def __call__(self, kind: str, payload: dict) -> None:
         getattr(self, f"on_{kind}")(payload)
@@ -86,7 +87,8 @@ class Recorder:
             import wandb
 
             self.wandb.log({**result["metrics"], "eval/samples": wandb.Image(grid)}, step=epoch)
-        summary = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in result["metrics"].items())
+        shown = {k: v for k, v in result["metrics"].items() if not k.endswith("_std")}  # the rest is in metrics.jsonl
+        summary = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in shown.items())
         self.bar.write(f"eval @ epoch {epoch}: {summary}  -> {path.relative_to(self.run_dir.parent)}")
 
     def on_start(self, payload: dict) -> None:
@@ -104,6 +106,13 @@ class Recorder:
         self.evals = [r for r in records if "policy_version" not in r]
         self.bar.reset()
         self.bar.update(epoch)
+
+    def on_warning(self, payload: dict) -> None:
+        self.bar.write(f"rlft: {payload['message']}")
+
+    def on_stopped(self, payload: dict) -> None:
+        self.bar.write(f"rlft: stopped after epoch {payload['epoch']}, with a checkpoint; continue with "
+                       f"`python -m rlft.run resume={self.run_dir}`")
 
     def on_checkpoint(self, payload: dict) -> None:
         """Nothing to record: the learners wrote the checkpoint; the report is for hooks that pass it on (a Tune

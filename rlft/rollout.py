@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from rlft.algorithms import load_algorithm, make_config
-from rlft.envs.models import is_stable_diffusion
-from rlft.envs.tasks import is_inverse_problem, make_inverse_env, make_task_env
-from rlft.lora import configure_policy
-from rlft.policy import DiffusionPolicy, load_base_model
+from rlft.algorithms import load_algorithm
+from rlft.config import resolve_device
+from rlft.lora import configure_policy, scale_adapters
+from rlft.policy import DiffusionPolicy
 
 NETWORK_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # policy.dtype -> autocast dtype (None: plain fp32)
 
@@ -29,85 +28,76 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def set_torch_threads(cfg: dict, role: str) -> None:
+def set_torch_threads(spec, role: str) -> None:
     """Threads for a "rollout" or "learner" process: `ray.<role>_threads`, else this node's cores shared by the
     processes of that role, which work at the same time (rollout workers collect together, then learners update
     together). Small convolutions scale poorly over threads, so two 1-thread actors beat one 2-thread process."""
     import os
 
-    r = cfg["ray"]
-    threads = r[f"{role}_threads"]
+    r = spec.ray
+    threads = r.rollout_threads if role == "rollout" else r.learner_threads
     if not threads:
         cores = len(os.sched_getaffinity(0))
-        sharing = (r["num_rollout_workers"] if role == "rollout" else r["num_learners"]) if r["enabled"] else 1
+        sharing = (r.num_rollout_workers if role == "rollout" else r.num_learners) if r.enabled else 1
         threads = max(1, cores // sharing)
     torch.set_num_threads(int(threads))
 
 
-def build_policy(cfg: dict, device: torch.device, training: bool = True) -> tuple[DiffusionPolicy, Any]:
-    """The base model as a policy, plus a batched env of `rollout_batch_size` samples sharing its schedule.
-
-    An algorithm with `make_correction` (DEFT) adds its trainable module to the frozen base network. With
-    `policy.compile`, the compiled network is checked against eager on the env's first observation (and, when
-    `training`, so are the trainable parameters' gradients)."""
-    reward = cfg["reward"]
-    if reward.get("remote"):  # scores come from the run's reward actor (rlft.remote_reward)
+def make_reward(spec, device: torch.device):
+    """The run's reward: built here, or a handle on the run's reward actor (ray.remote_reward)."""
+    if spec.ray.remote_reward:
         from rlft.remote_reward import remote_reward
 
-        reward = remote_reward(reward)
-    algorithm = load_algorithm(cfg["algo"]["name"])
-    correction = None
-    if is_stable_diffusion(cfg["env"]):  # the guided UNet2DConditionModel; prompts and the VAE live in the env
-        from rlft.stable_diffusion import build_sd_policy
+        return remote_reward(spec)
+    return spec.reward.build(device)
 
-        unet, env = build_sd_policy(cfg, reward, device)
-    else:
-        unet, scheduler_config = load_base_model(cfg["env"]["base_model"])
-        sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        env = make_task_env(
-            cfg["env"], reward, cfg["trainer"]["rollout_batch_size"], sample_shape, scheduler_config, device=device
-        )
-        if hasattr(algorithm, "make_correction"):
-            correction = algorithm.make_correction(make_config(algorithm, cfg["algo"]), env, scheduler_config)
-    fast = cfg["policy"]
+
+def build_policy(spec, device: torch.device, role: str = "learner", evaluation: bool = False):
+    """(policy, env, eval_env) for a "learner" or a "rollout" worker: the base network as a policy, a batched env
+    of `rollout_batch_size` samples sharing its schedule, and the env evaluations run in (held-out cases or prompts).
+
+    An algorithm with a correction (DEFT) adds its trainable module to the frozen base network; one that needs the
+    frozen base model in this role keeps a reference (rlft.policy). With `policy.compile`, the compiled network is
+    checked against eager on the env's first observation (and, for learners, so are the gradients)."""
+    algorithm = load_algorithm(spec.algo.name)
+    reward = make_reward(spec, device)
+    batch = spec.trainer.rollout_batch_size
+    env = spec.env.make_env(reward, batch, device)
+    eval_env = spec.env.make_env(reward, batch, device, evaluation=True) if evaluation else None
+    fast = spec.policy
     policy = DiffusionPolicy(
-        unet.to(device), env.schedule, autocast_dtype=NETWORK_DTYPES[fast["dtype"]], correction=correction
-    )
-    checkpointing_default = getattr(algorithm, "GRADIENT_CHECKPOINTING", False)
-    policy = configure_policy(policy, fast, checkpointing_default).to(device)  # LoRA, gradient checkpointing
-    if fast["channels_last"]:
+        spec.env.load_network().to(device), env.schedule, autocast_dtype=NETWORK_DTYPES[fast.dtype],
+        correction=algorithm.make_correction(spec.algo, env), null_context=env.null_context,
+        guidance_scale=getattr(spec.env, "guidance_scale", 1.0),
+    )  # fmt: skip
+    policy = configure_policy(policy, fast, algorithm.GRADIENT_CHECKPOINTING).to(device)  # LoRA, checkpointing
+    if role in algorithm.reference_roles(spec.algo):
+        policy.keep_reference()
+    if role == "rollout" and fast.lora_sampling_scale != 1.0:
+        scale_adapters(policy.unet, fast.lora_sampling_scale)
+    if fast.channels_last:
         policy.use_channels_last()
-    if fast["compile"]:
-        observation, _ = env.reset(seed=cfg["seed"])
+    if fast.compile:
+        observation, _ = env.reset(seed=spec.seed)
         probe = (observation["x_t"], observation["timestep"], observation["context"])
-        policy.compile_network(probe, training, fused_norm_silu=fast["fused_norm_silu"])
-    return policy, env
-
-
-def build_eval_env(cfg: dict, env):
-    """The env evaluations run in: for inverse problems the held-out cases in a fixed order, else `env` itself."""
-    if not is_inverse_problem(cfg["env"]):
-        return env
-    return make_inverse_env(env.num_envs, env.sample_shape, env.schedule, cfg["env"], cfg["reward"], evaluation=True,
-                            device=env.device)  # fmt: skip
+        policy.compile_network(probe, role == "learner", fused_norm_silu=fast.fused_norm_silu)
+    return policy, env, eval_env
 
 
 class RolloutWorker:
-    def __init__(self, cfg: dict, worker_index: int = 0):
-        set_torch_threads(cfg, "rollout")
-        self.device = torch.device(cfg["device"] if cfg["device"] != "auto" else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+    def __init__(self, spec, worker_index: int = 0):
+        set_torch_threads(spec, "rollout")
+        self.device = resolve_device(spec.device)
         self.worker_index = worker_index
-        self.cfg = cfg
-        self.policy, self.env = build_policy(cfg, self.device, training=False)
-        self.eval_env = build_eval_env(cfg, self.env)
+        self.spec = spec
+        self.algorithm = load_algorithm(spec.algo.name)
+        self.policy, self.env, self.eval_env = build_policy(spec, self.device, "rollout", evaluation=True)
         self.policy.eval().requires_grad_(False)
+        # the evaluation judge: a scorer the update never sees (rlft.envs.judge for digits), or none
+        self.judge = None if spec.judge.name == "none" else spec.judge.build(self.device)
         self.policy_version = 0
-        algorithm = load_algorithm(cfg["algo"]["name"])
-        self.record_noise = "noise" in getattr(algorithm, "ROLLOUT_KEYS", ())
-        # optional algorithm hook on each rollout batch, e.g. adjoint_matching's lean adjoints
-        self.postprocess = getattr(algorithm, "postprocess_rollout", None)
-        self.record_base_output = "base_output" in getattr(algorithm, "ROLLOUT_KEYS", ())
+        self.record_noise = "noise" in self.algorithm.ROLLOUT_KEYS
+        self.record_base_output = "base_output" in self.algorithm.ROLLOUT_KEYS
 
     def set_weights(self, weights: dict[str, torch.Tensor], policy_version: int) -> None:
         self.policy.load_trainable_state_dict(weights)
@@ -121,18 +111,19 @@ class RolloutWorker:
             )
 
     @torch.no_grad()
-    def _rollout(self, seed: int, env=None, options: dict | None = None) -> TensorDict:
-        """One env batch: reset with `seed` (and the env's reset `options`), denoise all steps, return the
-        trajectories."""
-        env, policy = env or self.env, self.policy
+    def _rollout(self, seed: int, env, options: dict | None = None) -> TensorDict:
+        """One env batch: reset with `seed` (and the env's reset `options`), step it with the policy to the end,
+        return the trajectories. The env draws x_T and the contexts; the policy's step noise comes from a stream of
+        the same seed, so one seed is one trajectory batch."""
+        policy = self.policy
         obs, _ = env.reset(seed=seed, options=options)
+        generator = torch.Generator().manual_seed(derive_seed(seed, 1))
         latents, log_probs, noises, base_outputs = [obs["x_t"]], [], [], []
-        for k in range(env.schedule.num_steps):
-            noise = torch.randn(obs["x_t"].shape, generator=env.generator).to(self.device)
+        for k in range(env.horizon):
+            noise = torch.randn(obs["x_t"].shape, generator=generator).to(self.device)
             base_output = None
             if self.record_base_output:  # the frozen base network's prediction, kept so learners need not redo it
-                timestep = env.schedule.timesteps[k].expand(env.num_envs)
-                base_output = policy.base_forward(obs["x_t"], timestep, obs["context"]).float()
+                base_output = policy.base_forward(obs["x_t"], obs["timestep"], obs["context"]).float()
                 base_outputs.append(base_output)
             out = policy.step(obs["x_t"], k, obs["context"], noise=noise, base_output=base_output)
             obs, reward, terminated, _, info = env.step(out.prev_sample)
@@ -177,23 +168,39 @@ class RolloutWorker:
         # batch_index: an evaluation env of fixed cases (inverse problems) moves on to the next cases per batch
         chunks = [self._rollout(derive_seed(seed, chunk), env, {"batch_index": chunk})
                   for chunk in range(n // env.num_envs)]  # fmt: skip
-        if postprocess and self.postprocess is not None:
-            chunks = [self.postprocess(self, chunk, self.cfg) for chunk in chunks]
+        if postprocess:
+            chunks = [self.algorithm.postprocess_rollout(self, chunk, self.spec.algo) for chunk in chunks]
         return torch.cat(chunks).to("cpu")
 
     def evaluate(self, policy_version: int, seed: int, n: int) -> dict:
-        """Final samples from fixed noise (`seed`) in the evaluation env, their rewards and the env's metrics; the
-        images are the samples, or the env's panel (inverse problems: measurement, samples, ground truth)."""
+        """Final samples from fixed noise (`seed`) in the evaluation env: their rewards, the env's metrics, the judge's
+        scores and metrics (eval/judge/...), and their diversity in pixels (eval/diversity/...), which does not
+        depend on any reward. The images are the samples, or the env's panel (inverse problems: measurement,
+        samples, ground truth)."""
+        from rlft.evaluate import diversity_metrics, score_metrics
+
         batch = self.collect(policy_version, seed, n, postprocess=False, env=self.eval_env)
         with torch.no_grad():  # latent models decode x_0 to the images the reward saw
             final = batch["latents"][:, -1].split(8)
             images = torch.cat([self.eval_env.decode(x.to(self.device)).cpu() for x in final])
-        finite = batch["reward_finite"]
-        described = self.eval_env.describe(images.to(self.device), batch["context"].to(self.device))
+        context = batch["context"].to(self.device)
+        described = self.eval_env.describe(images.to(self.device), context)
         shown = described.pop("panel", images).cpu()
         metrics = {f"eval/{k}": v for k, v in described.items()}
-        metrics["eval/reward_mean"] = batch["reward"][finite].mean().item() if finite.any() else float("nan")
-        return {"images": shown, "reward": batch["reward"], "metrics": metrics}
+        metrics.update(score_metrics("eval/reward", batch["reward"], batch["reward_finite"]))
+        reward_context = self.eval_env.reward_context(context)
+        result = {"images": shown, "samples": images, "reward": batch["reward"], "context": batch["context"]}
+        if self.judge is not None:
+            from rlft.envs.rewards import evaluate_reward
+
+            with torch.no_grad():
+                judged, finite = evaluate_reward(self.judge, images.to(self.device), reward_context)
+                metrics.update({f"eval/judge/{k}": v for k, v in self.judge.describe(images.to(self.device),
+                                                                                     **reward_context).items()})
+            metrics.update(score_metrics("eval/judge/score", judged.cpu(), finite.cpu()))
+            result["judge"] = judged.cpu()
+        metrics.update(diversity_metrics(images, reward_context.get("prompts")))
+        return {**result, "metrics": metrics}
 
 
 @dataclass

@@ -47,6 +47,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from rlft.config import ConfigError, _nearest, compose, config_groups, flat_keys, to_container, validate
+from rlft.config import GROUPS, ConfigError, compose, compose_config, flat_keys, nearest, validate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SWEEP_DIRS = (Path("tune_configs"), REPO_ROOT / "tune_configs")
@@ -88,7 +89,7 @@ def find_sweep(name: str) -> Path:
         if (folder / f"{name}.yaml").is_file():
             return folder / f"{name}.yaml"
     known = sorted({p.stem for folder in SWEEP_DIRS if folder.is_dir() for p in folder.glob("*.yaml")})
-    raise SweepError(f"no sweep {name!r} in tune_configs/{_nearest(name, known)} (sweeps: {', '.join(known)})")
+    raise SweepError(f"no sweep {name!r} in tune_configs/{nearest(name, known)} (sweeps: {', '.join(known)})")
 
 
 def load_sweep(name: str, args: list[str]) -> dict:
@@ -97,7 +98,7 @@ def load_sweep(name: str, args: list[str]) -> dict:
     sweep = yaml.safe_load(path.read_text()) or {}
     unknown = sorted(set(sweep) - set(SWEEP_KEYS))
     if unknown:
-        raise SweepError(f"{path}: unknown sweep key {unknown[0]!r}{_nearest(unknown[0], list(SWEEP_KEYS))}")
+        raise SweepError(f"{path}: unknown sweep key {unknown[0]!r}{nearest(unknown[0], list(SWEEP_KEYS))}")
     sweep = {**SWEEP_KEYS, "name": path.stem, **sweep}
     sweep["overrides"] = list(sweep["overrides"])
     sweep_args = []
@@ -176,9 +177,8 @@ def check_sweep(sweep: dict) -> None:
     if scheduler not in SCHEDULERS:
         raise SweepError(f"scheduler.name={scheduler} is not one of {', '.join(SCHEDULERS)}")
     base_overrides = [*TRIAL_DEFAULTS, *sweep["overrides"]]
-    base = compose("config", base_overrides)
-    validate(base)
-    known = flat_keys(base) + config_groups()
+    validate(compose(base_overrides))
+    known = flat_keys(compose_config(base_overrides)[0]) + list(GROUPS)
     check_space("search_space", sweep["search_space"], base_overrides, known)
     if scheduler == "pbt":
         check_pbt(sweep, base_overrides, known)
@@ -188,7 +188,7 @@ def check_space(section: str, space: dict, base_overrides: list[str], known: lis
     """Each key of a search space (or of PBT's mutations) is a config key with a domain whose values give valid runs."""
     for key, spec in space.items():
         if key not in known:
-            raise SweepError(f"{section}: unknown config key {key!r}{_nearest(key, known)}")
+            raise SweepError(f"{section}: unknown config key {key!r}{nearest(key, known)}")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
             raise SweepError(f"{section}.{key} must be one of {{{'|'.join(DOMAINS)}: [...]}}, got {spec!r}")
         kind, args = next(iter(spec.items()))
@@ -196,7 +196,7 @@ def check_space(section: str, space: dict, base_overrides: list[str], known: lis
             raise SweepError(f"{section}.{key}.{kind} needs a list of arguments, got {args!r}")
         for value in probe_values(kind, args):
             try:
-                validate(compose("config", [*base_overrides, override(key, value)]))
+                validate(compose([*base_overrides, override(key, value)]))
             except (ConfigError, ValueError, KeyError) as error:
                 raise SweepError(f"{section}.{key}: the value {value!r} gives an invalid run: {error}") from None
 
@@ -290,7 +290,7 @@ def trial_resources(sweep: dict):
     driver = {k.upper(): v for k, v in sweep["resources_per_trial"].items()}
 
     def resources(params: dict) -> PlacementGroupFactory:
-        r = compose("config", trial_overrides(sweep["overrides"], params)).ray
+        r = compose(trial_overrides(sweep["overrides"], params)).ray
         actor = {"CPU": r.cpus_per_rollout_worker, **({"GPU": r.gpus_per_rollout_worker} if r.gpus_per_rollout_worker
                                                       else {})}  # fmt: skip
         return PlacementGroupFactory([driver] + [actor] * r.num_rollout_workers)
@@ -322,15 +322,15 @@ def run_trial(params: dict, overrides: list[str], sweep_name: str, metric: str) 
     resume = []
     if (run_dir / "config.yaml").exists():  # an earlier attempt: continue its run from the checkpoint given,
         resume = [f"resume='{run_dir}'"]  # else its newest one (from its first epoch when it has none)
-    cfg = compose("config", [
+    spec = compose([
         *trial_overrides(overrides, params), f"logging.run_dir='{run_dir}'", *resume,  # quoted: folders hold = and ,
         f"logging.wandb_group={sweep_name}", f"logging.wandb_name={sweep_name}-{context.get_trial_id()}",
     ])  # fmt: skip
-    validate(cfg)
-    plan = plan_run(to_container(cfg), run_dir)
+    validate(spec)
+    plan = plan_run(spec, run_dir)
     if plan.checkpointer.wandb_run_id:  # one wandb run per trial, also after continuing another trial's checkpoint
-        plan.checkpointer.wandb_run_id = cfg.logging.wandb_name
-    run(cfg, TuneReport(metric, cfg.trainer.epochs, cfg.eval.every, cfg.trainer.checkpoint_every, restored_from),
+        plan.checkpointer.wandb_run_id = spec.logging.wandb_name
+    run(spec, TuneReport(metric, spec.trainer.epochs, spec.eval.every, spec.trainer.checkpoint_every, restored_from),
         plan=plan)  # fmt: skip
 
 
@@ -348,7 +348,7 @@ def make_scheduler(sweep: dict, epochs: int):
     accepted = [key for key in inspect.signature(scheduler).parameters if key not in ("metric", "mode", "time_attr")]
     for key in options:
         if key not in accepted:
-            raise SweepError(f"scheduler {name}: unknown option {key!r}{_nearest(key, accepted)}")
+            raise SweepError(f"scheduler {name}: unknown option {key!r}{nearest(key, accepted)}")
     # time in epochs, not Tune's report count: a trial resumed from a checkpoint first reports its next epoch
     if name == "asha":
         options = {"time_attr": "epoch", "max_t": epochs, "grace_period": 1, "reduction_factor": 2, **options}
@@ -379,6 +379,7 @@ def run_sweep(sweep: dict, scheduler, keep_checkpoints: int):
         trial_resources(sweep),
     )  # fmt: skip
     if tune.Tuner.can_restore(str(sweep_dir)):
+        check_owner(sweep_dir)  # Tune unpickles the sweep's state: only from a folder nobody else could write
         print(f"rlft.tune: resuming the sweep in {sweep_dir} (its saved search space and settings apply)", flush=True)
         # a trial that failed is retried from its newest checkpoint, like an interrupted one
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -395,6 +396,18 @@ def run_sweep(sweep: dict, scheduler, keep_checkpoints: int):
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints)),
         )  # fmt: skip
     return tuner.fit(), sweep_dir
+
+
+def check_owner(sweep_dir: Path) -> None:
+    """Refuse a sweep folder whose state files another user owns or may write: restoring a sweep unpickles them
+    (tuner.pkl, the trials' state), and a pickle runs whatever code its author put in it."""
+    for path in [sweep_dir, *sweep_dir.glob("*.pkl"), *sweep_dir.glob("*.json")]:
+        info = path.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise SweepError(f"{path} belongs to another user or is writable by others (owner uid {info.st_uid}, "
+                             f"mode {oct(info.st_mode & 0o777)}); rlft will not restore a sweep from it, since that "
+                             "unpickles its files. Give the sweep another name=..., or check the folder and fix its "
+                             "ownership")  # fmt: skip
 
 
 def results_table(result_grid, sweep: dict, epochs: int):
@@ -442,14 +455,28 @@ def write_results(table, sweep: dict, sweep_dir: Path) -> Path | None:
     return path
 
 
-def main(argv: list[str] | None = None) -> Path:
+def usage() -> str:
+    sweeps = sorted({p.stem for folder in SWEEP_DIRS if folder.is_dir() for p in folder.glob("*.yaml")})
+    return "\n".join([
+        "usage: python -m rlft.tune <sweep> [sweep_key=value ...] [rlft key=value ...]",
+        "",
+        f"sweeps (tune_configs/*.yaml, or a path to a sweep file): {', '.join(sweeps)}",
+        f"sweep keys: {', '.join(SWEEP_KEYS)} (see this module's docstring); any other key=value is an rlft override",
+        "shared by every trial (python -m rlft.run --help lists them)",
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> Path | None:
     args = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(args):
+        print(usage())
+        return None
     if not args or "=" in args[0]:
-        raise SystemExit("usage: python -m rlft.tune <sweep> [key=value ...]   (sweeps are tune_configs/*.yaml)")
+        raise SystemExit(usage())
     try:
         sweep = load_sweep(args[0], args[1:])
         check_sweep(sweep)
-        trainer = compose("config", [*TRIAL_DEFAULTS, *sweep["overrides"]]).trainer
+        trainer = compose([*TRIAL_DEFAULTS, *sweep["overrides"]]).trainer
         if sweep["scheduler"]["name"] == "pbt":  # a checkpoint at every perturbation, for PBT to copy
             every = math.gcd(trainer.checkpoint_every, sweep["scheduler"]["perturbation_interval"])
             sweep["overrides"].append(f"trainer.checkpoint_every={every}")
@@ -457,7 +484,10 @@ def main(argv: list[str] | None = None) -> Path:
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as error:
         raise SystemExit(f"rlft.tune: {error}") from None
     init_ray(sweep)
-    result_grid, sweep_dir = run_sweep(sweep, scheduler, trainer.keep_checkpoints)
+    try:
+        result_grid, sweep_dir = run_sweep(sweep, scheduler, trainer.keep_checkpoints)
+    except SweepError as error:  # a sweep folder refused before Tune restores it (check_owner): one line
+        raise SystemExit(f"rlft.tune: {error}") from None
     table = results_table(result_grid, sweep, trainer.epochs)
     best = write_results(table, sweep, sweep_dir)
     print(table.to_string(index=False), flush=True)

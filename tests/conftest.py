@@ -9,8 +9,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402  (importing torch does not import triton; tensordict and diffusers do)
 
 if not torch.cuda.is_available():
-    # rlft's Triton kernels (rlft/group_norm_silu.py) then run on CPU through Triton's interpreter, which has to be
-    # chosen before triton is first imported; inductor's CPU code generation does not use triton
+    # rlft's Triton kernels (rlft/kernels/group_norm_silu.py) then run on CPU through Triton's interpreter, which has
+    # to be chosen before triton is first imported; inductor's CPU code generation does not use triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -29,9 +29,73 @@ def save_tiny_ddpm(path, seed: int = 0, sample_size: int = 16, channels: int = 1
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models and many small steps run faster than on two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_ddpm(tmp_path_factory.mktemp("tiny_ddpm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_rgb_ddpm(tmp_path_factory):
+    """A 3-channel 16 px UNet2DModel in the google/ddpm-* layout: what the celebahq, church and cifar10 envs load."""
+    return save_tiny_ddpm(tmp_path_factory.mktemp("rgb_ddpm"), seed=3, sample_size=16, channels=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    from tests.tiny_models import save_tiny_stable_diffusion
+
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    """No model is in the HF cache (and HF_HUB_OFFLINE=1, set above): every Hub id is unavailable."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_rgb_ddpm, tiny_sd) -> dict:
+    """Every model and data set the matrix needs, tiny, in the real layouts."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_models import (
+        save_tiny_age_classifier,
+        save_tiny_clip,
+        save_tiny_clip_with_tokenizer,
+        save_tiny_flowers102,
+        save_tiny_image_reward,
+        save_tiny_pickscore,
+    )
+
+    root = tmp_path_factory.mktemp("matrix_models")
+    clip = save_tiny_clip(root / "clip", image_size=24, projection_dim=16)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1)
+    save_file({"weight": head.weight.data.clone(), "bias": head.bias.data.clone()}, str(root / "head.safetensors"))
+    pickscore_model, pickscore_processor = save_tiny_pickscore(root / "pickscore")
+    image_reward = save_tiny_image_reward(root / "image_reward")
+    return {
+        "rgb_ddpm": tiny_rgb_ddpm, "sd": tiny_sd,
+        "clip": clip, "head": root / "head.safetensors",
+        "clip_with_tokenizer": save_tiny_clip_with_tokenizer(root / "clip_tokenizer"),
+        "age": save_tiny_age_classifier(root / "age"),
+        "pickscore_model": pickscore_model, "pickscore_processor": pickscore_processor,
+        "image_reward": image_reward["checkpoint"], "image_reward_tokenizer": image_reward["tokenizer"],
+        "flowers": save_tiny_flowers102(root / "flowers"),
+    }  # fmt: skip
 
 
 _exit_status = {}

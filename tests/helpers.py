@@ -1,10 +1,10 @@
-"""Shared test helpers: composed configs on the tiny random DDPM, and the driver run as a user runs it."""
+"""Shared test helpers: composed specs on the tiny random DDPM, and the driver run as a user runs it."""
 
 import os
 import subprocess
 import sys
 
-from rlft.config import compose, to_container
+from rlft.config import compose
 
 TINY_OVERRIDES = [  # a run on the tiny random UNet small enough for unit tests (after env.base_model=...)
     "env.num_inference_steps=5", "trainer.rollout_batch_size=8", "trainer.samples_per_epoch=16",
@@ -13,9 +13,9 @@ TINY_OVERRIDES = [  # a run on the tiny random UNet small enough for unit tests 
 ]  # fmt: skip
 
 
-def tiny_cfg(model_dir, *overrides: str) -> dict:
-    """A resolved run config on a tiny random UNet, small enough for unit tests."""
-    return to_container(compose("config", [f"env.base_model={model_dir}", *TINY_OVERRIDES, *overrides]))
+def tiny_cfg(model_dir, *overrides: str):
+    """A run spec (rlft.spec.RunSpec) on a tiny random UNet, small enough for unit tests."""
+    return compose([f"env.base_model={model_dir}", *TINY_OVERRIDES, *overrides])
 
 
 def run_rlft(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

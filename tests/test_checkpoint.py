@@ -171,6 +171,7 @@ def test_a_checkpoint_holding_a_pickle_is_refused_and_never_unpickled(three_chec
 
 def test_a_resumed_learner_takes_its_configs_lr_and_the_checkpoints_optimizer_moments(tiny_model_dir, tmp_path):
     from rlft.checkpoint import Checkpointer
+    from rlft.config import to_dict
     from rlft.learner import Learner, lr_factor
     from tests.helpers import tiny_cfg
 
@@ -181,17 +182,18 @@ def test_a_resumed_learner_takes_its_configs_lr_and_the_checkpoints_optimizer_mo
             param.grad = torch.ones_like(param)
         learner.ctx.optimizer.step()
         learner.lr_scheduler.step()
-    checkpointer = Checkpointer(str(tmp_path), every=1, keep=1, config_hash="h", config=cfg, signature={})
+    checkpointer = Checkpointer(str(tmp_path), every=1, keep=1, config_hash="h", config=to_dict(cfg),
+                                signature={})  # fmt: skip
     checkpointer.save(learner, 3)
     new_cfg = tiny_cfg(tiny_model_dir, "trainer.lr_schedule=cosine", "trainer.epochs=10", "algo.lr=5e-4",
                        "algo.weight_decay=0.5")  # fmt: skip
     resumed = Learner(new_cfg, torch.device("cpu"))
     assert checkpointer.restore(resumed) == 3
     group = resumed.ctx.optimizer.param_groups[0]
-    assert group["lr"] == pytest.approx(5e-4 * lr_factor(new_cfg, 3)) and group["weight_decay"] == 0.5
+    assert group["lr"] == pytest.approx(5e-4 * lr_factor(new_cfg.trainer, 3)) and group["weight_decay"] == 0.5
     assert group["lr"] != learner.ctx.optimizer.param_groups[0]["lr"]
     resumed.lr_scheduler.step()  # the schedule goes on from the checkpoint's position, from the new base lr
-    assert group["lr"] == pytest.approx(5e-4 * lr_factor(new_cfg, 4))
+    assert group["lr"] == pytest.approx(5e-4 * lr_factor(new_cfg.trainer, 4))
     before, after = learner.ctx.optimizer.state_dict()["state"], resumed.ctx.optimizer.state_dict()["state"]
     assert all(torch.equal(before[i][k], after[i][k]) for i in before for k in ("step", "exp_avg", "exp_avg_sq"))
 
@@ -234,12 +236,14 @@ def test_a_resumed_run_continues_its_wandb_run(tiny_model_dir, tmp_path, monkeyp
 
 def test_a_save_killed_before_its_commit_leaves_the_previous_checkpoints_intact(tiny_model_dir, tmp_path, monkeypatch):
     from rlft.checkpoint import Checkpointer, latest_valid
+    from rlft.config import to_dict
     from rlft.learner import Learner
     from tests.helpers import tiny_cfg
 
     cfg = tiny_cfg(tiny_model_dir)
     learner = Learner(cfg, torch.device("cpu"))
-    checkpointer = Checkpointer(str(tmp_path), every=1, keep=2, config_hash="h", config=cfg, signature={})
+    checkpointer = Checkpointer(str(tmp_path), every=1, keep=2, config_hash="h", config=to_dict(cfg),
+                                signature={})  # fmt: skip
     folder = checkpointer.folder
     checkpointer.save(learner, 1)
 
@@ -257,3 +261,156 @@ def test_a_save_killed_before_its_commit_leaves_the_previous_checkpoints_intact(
     assert sorted(p.name for p in folder.iterdir()) == ["epoch_000002", "epoch_000003"]  # no temporary left over
     (folder / "epoch_000003" / COMMIT_MARKER).unlink()  # renamed but not yet marked: not a checkpoint
     assert latest_valid(folder).epoch == 2
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under `folder` (folders as None) with its bytes: what 'touches nothing' compares."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_accepted_and_a_pickle_is_not(tmp_path):
+    """A safetensors file starts with its header's length (u64, little-endian), whose first byte is 0x80 for one
+    header length in 32, the same byte as a pickle's protocol opcode: such a file is a checkpoint, a pickle is not."""
+    import pickle as pickle_module
+
+    from safetensors.torch import save_file
+
+    from rlft.checkpoint import _check_safetensors, _read_tensors
+
+    weights = tmp_path / "weights.safetensors"
+    for length in range(1, 600):  # the header (JSON, padded to 8 bytes) grows with the tensor's name
+        tensors = {"w" * length: torch.arange(6.0).reshape(2, 3)}
+        save_file(tensors, str(weights))
+        if weights.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no name length gave a header length whose first byte is 0x80")
+    data = weights.read_bytes()
+    header_length = int.from_bytes(data[:8], "little")
+    assert data[0] == 0x80 and header_length % 256 == 0x80 and json.loads(data[8 : 8 + header_length])
+    _check_safetensors(weights)  # accepted
+    loaded = _read_tensors(weights)
+    assert loaded.keys() == tensors.keys() and torch.equal(loaded["w" * length], tensors["w" * length])
+
+    pickled = tmp_path / "pickled.safetensors"
+    pickled.write_bytes(pickle_module.dumps({"w": [1.0, 2.0]}))  # protocol >= 2: its first byte is 0x80 too
+    assert pickled.read_bytes()[0] == 0x80
+    archive = tmp_path / "archive.safetensors"
+    torch.save({"w": torch.zeros(2)}, archive)  # a zip archive holding a pickle
+    legacy = tmp_path / "legacy.safetensors"
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)  # a bare pickle stream
+    for refused in (pickled, archive, legacy):
+        with pytest.raises(CheckpointError, match="holds a pickle .* could run code when loaded; refused"):
+            _check_safetensors(refused)
+
+
+def test_a_resume_that_finds_checkpoints_but_can_use_none_stops_and_touches_nothing(three_checkpoints, tiny_model_dir,
+                                                                                     capsys):  # fmt: skip
+    first, second, third = committed(three_checkpoints / "checkpoints")
+    weights = first / "policy.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    (second / "rank_0.json").unlink()  # incomplete
+    (third / "state.json").write_text("{not json")  # damaged manifest
+    before = snapshot(three_checkpoints)
+    with pytest.raises(SystemExit) as stopped:
+        run(tiny_model_dir, three_checkpoints, "trainer.epochs=4", f"resume={three_checkpoints}")
+    message = str(stopped.value)
+    assert message.startswith("rlft: ") and "holds 3 checkpoint(s) and none can be used" in message
+    assert f"{first}: policy.safetensors has 1000 bytes" in message
+    assert f"{second}: rank_0.json is missing" in message
+    assert f"{third / 'state.json'} is not readable JSON" in message
+    assert "Nothing was changed" in message
+    assert snapshot(three_checkpoints) == before  # metrics, checkpoints, samples: byte for byte as they were
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_retention_keeps_the_newest_checkpoints_by_epoch_number(tiny_model_dir, tmp_path):
+    from rlft.checkpoint import Checkpointer, latest_valid
+    from rlft.config import to_dict
+    from rlft.learner import Learner
+    from tests.helpers import tiny_cfg
+
+    cfg = tiny_cfg(tiny_model_dir)
+    learner = Learner(cfg, torch.device("cpu"))
+    checkpointer = Checkpointer(str(tmp_path), every=1, keep=10, config_hash="h", config=to_dict(cfg),
+                                signature={})  # fmt: skip
+    folder = checkpointer.folder
+
+    def names() -> list[str]:
+        return sorted(p.name for p in folder.iterdir())
+
+    checkpointer.save(learner, 10)
+    checkpointer.save(learner, 9)  # written after epoch 10: the newer folder on disk, the older epoch
+    assert names() == ["epoch_000009", "epoch_000010"]
+    checkpointer.keep = 2
+    checkpointer.save(learner, 11)
+    assert names() == ["epoch_000010", "epoch_000011"]  # epoch 9 went, not the older folder of epoch 10
+    checkpointer.keep = 10
+    checkpointer.save(learner, 200000)
+    checkpointer.keep = 1
+    checkpointer.save(learner, 1000000)  # seven digits: by name "epoch_1000000" sorts before "epoch_200000"
+    assert names() == ["epoch_1000000"]
+    assert latest_valid(folder).epoch == 1000000
+
+
+def test_a_malformed_state_json_is_named_and_skipped(three_checkpoints, tiny_model_dir, capsys):
+    newest = committed(three_checkpoints / "checkpoints")[-1]
+    state = json.loads((newest / "state.json").read_text())
+    for key in ("files", "signature", "world_size"):  # valid JSON without a key the resume reads
+        (newest / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != key}))
+        with pytest.raises(CheckpointError, match=f"epoch_000003: state.json is malformed \\(it lacks {key}\\)"):
+            Checkpoint.open(newest)
+    (newest / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "epoch"}))
+    run(tiny_model_dir, three_checkpoints, "trainer.epochs=3", f"resume={three_checkpoints}")
+    out = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in out and "epoch_000003: state.json is malformed (it lacks epoch)" in out
+    assert "from epoch_000002 (epoch 2)" in out
+    lines = [json.loads(line) for line in (three_checkpoints / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines if "policy_version" in m] == [1, 2, 3]
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_writes_nothing(tiny_model_dir, tmp_path):
+    from rlft.checkpoint import RunLock
+
+    run_dir = tmp_path / "run"
+    with RunLock(run_dir):  # another rlft run holds the folder
+        before = snapshot(run_dir)
+        with pytest.raises(SystemExit) as stopped:
+            run(tiny_model_dir, run_dir, "trainer.epochs=1")
+        assert snapshot(run_dir) == before == {".lock": f"{os.getpid()}\n".encode()}
+    assert str(stopped.value) == (f"rlft: {run_dir.resolve()} is in use by another rlft run (process {os.getpid()}); "
+                                  "wait for it to end, or choose another logging.run_dir")  # fmt: skip
+
+
+def test_a_full_disk_during_a_checkpoint_stops_the_run_with_one_line_and_keeps_the_previous_one(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):  # fmt: skip
+    import errno
+
+    import rlft.checkpoint as checkpoint_module
+
+    write_tensors = checkpoint_module._write_tensors
+
+    def disk_full_at_the_second_checkpoint(path: Path, tensors: dict) -> None:
+        if path.parent.name == ".epoch_000002.tmp" and path.name == "policy.safetensors":  # its rank files are written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_tensors(path, tensors)
+
+    monkeypatch.setattr(checkpoint_module, "_write_tensors", disk_full_at_the_second_checkpoint)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        run(tiny_model_dir, run_dir, "trainer.epochs=3")
+    message = str(stopped.value)
+    assert message.startswith(f"rlft: could not write the checkpoint of epoch 2 in {run_dir.resolve() / 'checkpoints'}")
+    assert "No space left on device" in message and "epoch_000001 is the newest intact one" in message
+    output = capsys.readouterr()
+    assert "Traceback" not in output.out + output.err and "could not write" not in output.out + output.err
+    folder = run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_000001"]  # the temporary folder was removed
+    assert Checkpoint.open(folder / "epoch_000001").epoch == 1 and not (run_dir / "final").exists()
+
+    monkeypatch.undo()  # space freed: the run resumes from the intact checkpoint and finishes
+    run(tiny_model_dir, run_dir, "trainer.epochs=3", f"resume={run_dir}")
+    assert "from epoch_000001 (epoch 1)" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines if "policy_version" in m] == [1, 2, 3]
+    assert (run_dir / "final" / "policy.safetensors").stat().st_size > 1000

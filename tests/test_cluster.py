@@ -25,8 +25,9 @@ TINY = ["env.num_inference_steps=4", "trainer.rollout_batch_size=8", "trainer.sa
         "ray.rollout_threads=1", "ray.learner_threads=1", "ray.num_rollout_workers=1",
         "logging.wandb=disabled", "logging.progress=false"]  # fmt: skip
 # Ray's token authentication with a token of the test's own (heads and clients in the sandbox share it)
+TOKEN = secrets.token_hex(32)
 SANDBOX_ENV = (f"export WANDB_MODE=disabled HF_HUB_OFFLINE=1 RAY_DISABLE_USAGE_STATS=1 RAY_AUTH_MODE=token "
-               f"RAY_AUTH_TOKEN={secrets.token_hex(32)}")
+               f"RAY_AUTH_TOKEN={TOKEN}")
 
 
 def metrics_lines(run_dir: Path) -> list[dict]:
@@ -44,6 +45,10 @@ def test_cluster_yamls_pass_rays_config_checks():
         assert any("-e ~/rlft" in command for command in config["setup_commands"]), f"{path.name} does not install it"
         head_start = " ".join(config["head_start_ray_commands"])
         assert "--dashboard-host=127.0.0.1" in head_start, f"{path.name}: the dashboard must stay on 127.0.0.1"
+        starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+        assert all("RAY_AUTH_MODE=token ray start" in c for c in starts if "ray start" in c), f"{path.name}: no token"
+        assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token", f"{path.name}: token not synced"
+        assert any("export RAY_AUTH_MODE=token" in c for c in config["setup_commands"]), path.name  # drivers too
         broken = {**raw, "setup_comands": raw["setup_commands"]}  # the checks have teeth: a misspelt key fails
         with pytest.raises(jsonschema.ValidationError, match="setup_comands"):
             validate_config(prepare_config(broken))
@@ -69,7 +74,7 @@ ray job submit --submission-id rlft-job --working-dir . -- python -m rlft.run en
 ray job status rlft-job
 ray stop
 """
-    result = run_in_sandbox(script, tmp_path, timeout=240)
+    result = run_in_sandbox(script, tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "rlft: done" in result.stdout  # the job's own output, streamed back by `ray job submit`
     assert "succeeded" in result.stdout.lower(), result.stdout[-3000:]
@@ -117,12 +122,15 @@ def test_ray_up_submit_down_with_the_local_provider_on_127_0_0_1(tiny_model_dir,
         for line in Path("/etc/passwd").read_text().splitlines(keepends=True) for fields in [line.split(":")]
     ))  # fmt: skip
     (home / ".bashrc").write_text(f'export PATH="{VENV_BIN}:$PATH" PYTHONPATH="$HOME/rlft"\n{SANDBOX_ENV}\n')
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(TOKEN)  # `ray get-auth-token --generate`'s file, which file_mounts syncs
     config = yaml.safe_load((REPO / "cluster" / "onprem.yaml").read_text())
     config["cluster_name"] = "rlft-test"
     config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
     config["auth"] = {"ssh_user": "root", "ssh_private_key": str(ssh / "client_key")}
     # the shipped setup makes a venv and pip-installs the project: here the machine's venv is already prepared
-    config["setup_commands"] = ["python -c 'import rlft.run, ray; print(\"rlft from\", rlft.__file__)'"]
+    config["setup_commands"] = [c for c in config["setup_commands"] if "RAY_AUTH_MODE" in c or "auth_token" in c] + [
+        "python -c 'import rlft.run, ray; print(\"rlft from\", rlft.__file__)'"]  # fmt: skip
     cluster_yaml = tmp_path / "cluster.yaml"
     cluster_yaml.write_text(yaml.safe_dump(config))
     script = f"""{SANDBOX_ENV}

@@ -33,8 +33,8 @@ def one_level_model_dir(tmp_path_factory):
 
 def test_an_inductor_compiled_network_passes_the_check_and_trains_like_eager(one_level_model_dir):
     torch._dynamo.reset()
-    compiled, env = build_policy(tiny_cfg(one_level_model_dir, "policy.compile=true"), CPU)  # raises on a mismatch
-    eager, _ = build_policy(tiny_cfg(one_level_model_dir), CPU)
+    compiled, env, _ = build_policy(tiny_cfg(one_level_model_dir, "policy.compile=true"), CPU)  # raises on a mismatch
+    eager, _, _ = build_policy(tiny_cfg(one_level_model_dir), CPU)
     observation, _ = env.reset(seed=123)  # another batch than the check's, same shape (no recompilation)
     for got, expected in zip(output_and_gradients(compiled, observation), output_and_gradients(eager, observation),
                              strict=True):  # fmt: skip
@@ -44,8 +44,9 @@ def test_an_inductor_compiled_network_passes_the_check_and_trains_like_eager(one
 def test_an_nhwc_network_compiles_with_nhwc_convolution_backward_and_trains_like_eager(tiny_model_dir):
     torch._dynamo.reset()
     with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph would skip the pass
-        compiled, env = build_policy(tiny_cfg(tiny_model_dir, "policy.compile=true", "policy.channels_last=true"), CPU)
-    eager, _ = build_policy(tiny_cfg(tiny_model_dir), CPU)
+        nhwc = tiny_cfg(tiny_model_dir, "policy.compile=true", "policy.channels_last=true")
+        compiled, env, _ = build_policy(nhwc, CPU)
+    eager, _, _ = build_policy(tiny_cfg(tiny_model_dir), CPU)
     assert compiled.backward_layout_pass.restrided_arguments > 0  # this network's backward had NCHW arguments
     observation, _ = env.reset(seed=123)
     for got, expected in zip(output_and_gradients(compiled, observation), output_and_gradients(eager, observation),
@@ -59,7 +60,7 @@ def test_group_norm_silu_fused_into_the_compiled_network_passes_the_check(one_le
     gradients; tests/test_group_norm_silu.py compares the kernels with autograd to float64 precision)."""
     torch._dynamo.reset()
     overrides = ("policy.compile=true", "policy.channels_last=true", "policy.fused_norm_silu=true")
-    compiled, _ = build_policy(tiny_cfg(one_level_model_dir, *overrides), CPU)  # raises on a mismatch
+    compiled, _, _ = build_policy(tiny_cfg(one_level_model_dir, *overrides), CPU)  # raises on a mismatch
     resnets = sum(type(m).__name__ == "FusedResnetBlock2D" for m in compiled.unet.modules())
     assert resnets > 0 and compiled.fused_norm_silu_count == 2 * resnets + 1
 
@@ -67,7 +68,7 @@ def test_group_norm_silu_fused_into_the_compiled_network_passes_the_check(one_le
 def test_the_backward_layout_pass_restrides_computed_arguments_next_to_nhwc_weights_only():
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from rlft.inductor_passes import NHWCConvolutionBackward
+    from rlft.kernels.inductor_passes import NHWCConvolutionBackward
 
     def backward(grad, x, weight):  # grad is computed in the graph; x stands for a saved activation (an input)
         return torch.ops.aten.convolution_backward.default(
@@ -104,7 +105,7 @@ def _shift_the_output(policy):
 def test_a_compile_that_changes_results_is_refused_naming_the_tensor_and_the_fix(
     tiny_model_dir, monkeypatch, miscompile, check_gradients, named
 ):
-    policy, env = build_policy(tiny_cfg(tiny_model_dir), CPU)
+    policy, env, _ = build_policy(tiny_cfg(tiny_model_dir), CPU)
     monkeypatch.setattr(policy.unet, "compile", lambda **options: miscompile(policy))  # stands in for a bad backend
     observation, _ = env.reset(seed=0)
     probe = (observation["x_t"], observation["timestep"], observation["context"])

@@ -1,18 +1,34 @@
-"""Config errors are caught before Ray starts and name the key, the values and the fix."""
+"""Config errors are caught before Ray starts and name the key, the values and the fix; every key is typed, ranged
+and documented in one place (the dataclasses), and a property-based test throws wrong values at all of them."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+import typing
 
 import pytest
-import rlft.algorithms.ddpo
-from omegaconf import OmegaConf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from rlft.config import CONFIG_DIR, ConfigError, compose, validate
+import rlft.algorithms.ddpo
+from rlft.config import ConfigError, commented_config, compose, group_classes, help_text, run_schema, validate
+from rlft.core.spec import documented_fields, optional_inner
+from rlft.pretrain import PretrainSpec
+from rlft.run import main
+from tests.conftest import save_tiny_ddpm
 
 
 def check(*overrides):
-    validate(compose("config", list(overrides)))
+    validate(compose(list(overrides)))
 
 
-def test_default_config_is_valid():
-    check()
+def test_default_config_is_valid_and_typed():
+    spec = compose([])
+    validate(spec)
+    assert type(spec).__name__ == "RunSpec" and type(spec.algo) is rlft.algorithms.ddpo.Config
+    assert (spec.env.name, spec.env.kind, spec.reward.name, spec.device) == ("digits", "ddpm", "digit", "auto")
+    assert spec.trainer.epochs == spec.algo.epochs  # the algorithm's run length, unless the command line sets one
 
 
 def test_unknown_key_suggests_the_nearest():
@@ -48,7 +64,7 @@ def test_fused_norm_silu_needs_the_compiled_nhwc_network_on_a_gpu(monkeypatch):
         check("policy.fused_norm_silu=true", "policy.compile=true")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' CPU stand-in for a GPU (tests/conftest.py)
     with pytest.raises(ConfigError, match="device=cpu is not a GPU: use device=cuda, or policy.fused_norm_silu=false"):
-        check("policy.fused_norm_silu=true", "policy.compile=true", "policy.channels_last=true")
+        check("policy.fused_norm_silu=true", "policy.compile=true", "policy.channels_last=true", "device=cpu")
 
 
 def test_an_algorithm_that_backpropagates_through_the_reward_refuses_jpeg(monkeypatch):
@@ -57,28 +73,132 @@ def test_an_algorithm_that_backpropagates_through_the_reward_refuses_jpeg(monkey
         check("reward=jpeg_compressibility")
 
 
-def test_bad_reward_argument_is_reported():
-    with pytest.raises(ValueError, match="reward.target must be a digit class 0..9, got 12"):
+def test_out_of_range_and_wrong_typed_values_name_the_key_and_what_it_takes():
+    with pytest.raises(ConfigError, match=r"reward.target=12 is out of range: reward.target takes an integer >= 0 "
+                                          r"and <= 9 \(the digit class"):  # fmt: skip
         check("reward.target=12")
+    with pytest.raises(ConfigError, match="trainer.epochs=abc is not valid: trainer.epochs takes an integer >= 1"):
+        check("trainer.epochs=abc")
+    with pytest.raises(ConfigError, match="policy.dtype=fp16 is out of range: policy.dtype takes one of fp32, bf16"):
+        check("policy.dtype=fp16")
+    with pytest.raises(ConfigError, match="cannot parse the override 'trainer.epochs=\\[1,2'"):
+        check("trainer.epochs=[1,2")
+    with pytest.raises(ConfigError, match="device=gpu is not one of cpu, cuda, cuda:<index> or auto"):
+        check("device=gpu")
 
 
-def test_every_config_key_has_a_comment():
-    for path in CONFIG_DIR.rglob("*.yaml"):
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            body = line.split("#", 1)[0]
-            is_key = ":" in body and not line.lstrip().startswith(("-", "#")) and body.strip() != "defaults:"
-            is_section = body.rstrip().endswith(":")
-            if is_key and not is_section:
-                assert "#" in line, f"{path.name}:{number} has no comment: {line.strip()}"
+def test_each_env_names_its_own_reward_and_a_reward_that_cannot_score_an_env_is_refused(tmp_path):
+    assert compose(["env=celebahq"]).reward.name == "over50"  # ddpo-celebahq's task, not the digit classifier
+    assert compose(["env=church"]).reward.name == "aesthetic"
+    assert compose(["env=sd15"]).reward.name == "pickscore"
+    assert compose(["env=digits_sr"]).reward.name == "measurement"
+    assert compose(["env=celebahq", "reward=jpeg_compressibility"]).reward.name == "jpeg_compressibility"
+    rgb = save_tiny_ddpm(tmp_path / "rgb", channels=3)
+    with pytest.raises(ConfigError, match=r"reward=digit cannot score env=ddpm: it scores 1-channel images and this "
+                                          r"env makes 3-channel ones.*rewards that fit: .*jpeg_compressibility"):
+        check("env=ddpm", f"env.base_model={rgb}", "reward=digit")
+    with pytest.raises(ConfigError, match="reward=measurement cannot score env=digits: it needs the env's measurement"):
+        check("reward=measurement")
+    with pytest.raises(ConfigError, match="reward=pickscore cannot score env=digits: .*needs the env's prompts"):
+        check("reward=pickscore")
 
 
-@pytest.mark.parametrize("name", ["ddpo", "draft", "adjoint_matching", "deft"])
-def test_algorithm_yaml_defaults_equal_the_config_dataclass(name):
-    import dataclasses
+def test_the_named_command_stops_in_seconds_offline_with_the_model_id_and_no_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty_cache"), "WANDB_MODE": "disabled"}
+    result = subprocess.run([sys.executable, "-m", "rlft.run", "algo=ddpo", "env=celebahq"], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path, env=env)  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rlft: cannot load the base DDPM 'google/ddpm-celebahq-256'")
+    assert "env.base_model=/path/to/folder" in lines[0] and not (tmp_path / "runs").exists()
 
-    cfg = compose("config", [f"algo={name}"])
-    fields = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-              for f in dataclasses.fields(rlft.algorithms.load_algorithm(name).Config)}  # fmt: skip
-    algo = OmegaConf.to_container(cfg.algo)
-    assert {k: v for k, v in algo.items() if k not in rlft.algorithms.RUN_KEYS} == fields
-    assert cfg.trainer.epochs == cfg.algo.epochs  # the algorithm's run length, unless the command line sets one
+
+def test_help_lists_the_groups_their_choices_and_the_keys():
+    text = help_text("python -m rlft.run", "[...]")
+    assert "algo: ddpo, adjoint_matching, deft, draft" in text
+    assert "env: digits, " in text and "sd15" in text and "reward: digit, " in text and "over50" in text
+    assert "trainer.epochs=${algo.epochs}  # rounds of" in text and "--cfg job" in text
+    printed = "\n".join(commented_config(compose(["algo=draft"])))
+    assert "k: null  # backpropagate through the last k sampling steps" in printed and "name: draft" in printed
+
+
+# ---- every key: a comment, a type, a range; and wrong values for every one of them ----
+def all_config_classes() -> list[tuple[list[str], type]]:
+    """(group overrides that select it, the config dataclass) for the run, pretraining and every group option."""
+    classes = [([], run_schema())]
+    classes += [([f"algo={name}"], cls) for name, cls in group_classes("algo").items()]
+    classes += [([f"env={name}"], type(preset)) for name, preset in group_classes("env").items()]
+    classes += [([f"reward={name}"], cls) for name, cls in group_classes("reward").items()]
+    return classes
+
+
+def test_every_key_has_a_one_line_comment_a_type_and_numbers_a_range():
+    for _, cls in [*all_config_classes(), ([], PretrainSpec)]:
+        for key, field, annotation in documented_fields(cls):
+            doc = field.metadata["doc"]
+            assert doc and "\n" not in doc, f"{cls.__name__}.{key} has no one-line comment"
+            inner, _ = optional_inner(annotation)
+            assert inner in (int, float, bool, str) or typing.get_origin(inner) in (list, dict), f"{key}: {inner}"
+            if inner in (int, float):
+                limits = [field.metadata.get(k) for k in ("ge", "gt", "le", "lt", "choices")]
+                assert any(limit is not None for limit in limits), f"{cls.__name__}.{key} has no range"
+
+
+def bad_values(field: dataclasses.Field, annotation) -> list[str]:
+    """Override values that a key must refuse: of the wrong type, or outside its declared limits."""
+    inner, _ = optional_inner(annotation)
+    meta = field.metadata
+    values = []
+    if inner is int:
+        values += ["abc", "1.5", "[1,2]"]
+    elif inner is float:
+        values += ["abc", "'1e'", "[1,2]"]
+    elif inner is bool:
+        values += ["maybe", "2"]
+    elif inner is str or typing.get_origin(inner) is list:
+        values += ["[1,2]"] if inner is str else ["abc"]
+    if meta.get("choices"):
+        values.append("not_a_choice_x")
+    for key, offset in (("ge", -1), ("gt", 0), ("le", 1), ("lt", 0)):
+        if meta.get(key) is not None and inner in (int, float):
+            bound = meta[key] + (offset if key in ("ge", "le") else 0)
+            values.append(str(bound if inner is float or isinstance(bound, int) else int(bound) - 1))
+    return values
+
+
+def bad_overrides() -> list[tuple[list[str], str, str]]:
+    """(group overrides, the key, a bad override) for every documented key of every config."""
+    draws = []
+    for groups, cls in all_config_classes():
+        prefix = groups[0].split("=")[0] + "." if groups else ""
+        for key, field, annotation in documented_fields(cls):
+            if key in ("name", "kind") or (not prefix and key == "device"):  # group names are the group choice
+                continue
+            for value in bad_values(field, annotation):
+                draws.append((groups, prefix + key, f"{prefix}{key}={value}"))
+    return draws
+
+
+BAD_OVERRIDES = bad_overrides()
+
+
+def test_the_bad_values_cover_every_key():
+    keys = {key for _, key, _ in BAD_OVERRIDES}
+    assert len(keys) > 120 and {"trainer.epochs", "algo.clip_range", "env.eta", "reward.target", "ray.num_cpus"} <= keys
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(BAD_OVERRIDES))
+def test_a_wrong_value_for_any_key_stops_with_one_line_naming_the_key_and_no_run_folder(tmp_path_factory, draw):
+    groups, key, override = draw
+    folder = tmp_path_factory.getbasetemp() / "never_made"
+    # a value that slipped through would start a run: make it a short one in this process, so the test fails fast
+    safe = ["ray.enabled=false", "trainer.epochs=1", "logging.wandb=disabled", f"logging.run_dir={folder}"]
+    with pytest.raises(SystemExit) as stopped:
+        main([*groups, *safe, override])  # the drawn override comes last, so it wins over the safe values
+    message = str(stopped.value.code)
+    assert message.startswith("rlft: ") and "\n" not in message, message
+    assert key in message, message
+    assert any(word in message for word in ("takes", "one of", "cannot parse", "does not match")), message
+    assert not folder.exists()

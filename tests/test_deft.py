@@ -2,6 +2,7 @@
 posterior sampling on a Gaussian toy whose base model and posterior are known in closed form."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import gymnasium
@@ -9,24 +10,33 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from gymnasium.utils.env_checker import check_env
+from tensordict import TensorDict
+from torch import nn
+
 from rlft.algorithms import LearnerContext, deft
+from rlft.buffer import TrajectoryBuffer
+from rlft.core.sampler import ddim_step
+from rlft.core.schedule import DDIMSchedule
 from rlft.envs.denoising import DenoisingEnv
 from rlft.envs.digits import load_digits
 from rlft.envs.inverse import InverseProblemEnv, MeasurementCases, SuperResolution, make_operator
 from rlft.envs.rewards import make_reward
-from rlft.envs.schedule import DDIMSchedule
-from tensordict import TensorDict
-from torch import nn
-
-from rlft.buffer import TrajectoryBuffer
 from rlft.learner import Learner
-from rlft.policy import DiffusionPolicy, ddim_step
+from rlft.policy import DiffusionPolicy
 from rlft.rollout import RolloutWorker
 from tests.helpers import run_rlft, tiny_cfg
 
 # ---- the Gaussian toy: data N(M, S^2) per pixel, so the exact noise prediction is known at every t ----
 M, S, SIGMA_Y, SHAPE = 0.3, 0.5, 0.25, (1, 4, 4)
-SCHEDULER_CONFIG = dict(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").config)
+# clip_sample=False: the sampler honours the scheduler's clipping of x0_hat, which would make the steps non-affine
+SCHEDULER_CONFIG = dict(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                      clip_sample=False).config)  # fmt: skip
+INPAINT = make_operator("inpaint", hole_fraction=0.5)
+
+
+def toy_reward_context(y: torch.Tensor) -> dict:
+    """The measurement reward's keywords, as an inverse-problem env gives them: y, A and sigma_y."""
+    return {"measurement": y, "operator": INPAINT, "sigma_y": SIGMA_Y}
 
 
 class GaussianNoisePrediction(nn.Module):
@@ -45,21 +55,20 @@ class GaussianNoisePrediction(nn.Module):
 
 def toy_setup(num_steps: int, batch: int, cases: MeasurementCases | None = None, **cfg_kwargs):
     """Inpainting of the central 2x2 of a 4x4 Gaussian 'image' with noise SIGMA_Y; one fixed measurement y."""
-    operator = make_operator("inpaint", hole_fraction=0.5)
+    operator = INPAINT
     generator = torch.Generator().manual_seed(0)
     truth = M + S * torch.randn((1, *SHAPE), generator=generator)
     y = operator(truth + SIGMA_Y * torch.randn((1, *SHAPE), generator=generator))
     schedule = DDIMSchedule.from_scheduler_config(SCHEDULER_CONFIG, num_steps, eta=1.0)
-    reward = make_reward("measurement", operator="inpaint", hole_fraction=0.5, sigma_y=SIGMA_Y)
+    reward = make_reward("measurement")  # A and sigma_y come with y from the env (its reward context)
     if cases is None:
         env = DenoisingEnv(batch, SHAPE, schedule, reward, context_sampler=lambda n, g: y.expand(n, *SHAPE).clone(),
-                           context_shape=SHAPE)  # fmt: skip
+                           context_shape=SHAPE, reward_context=toy_reward_context)  # fmt: skip
     else:
         env = InverseProblemEnv(batch, SHAPE, schedule, reward, operator=operator, sigma_y=SIGMA_Y, cases=cases)
-    cfg = deft.DEFTConfig(**{"hnet_channels": [], "lr": 1e-2, **cfg_kwargs})
+    cfg = deft.Config(**{"hnet_channels": [], "lr": 1e-2, **cfg_kwargs})
     torch.manual_seed(0)
-    policy = DiffusionPolicy(GaussianNoisePrediction(), schedule, correction=deft.make_correction(cfg, env,
-                                                                                                  SCHEDULER_CONFIG))
+    policy = DiffusionPolicy(GaussianNoisePrediction(), schedule, correction=deft.make_correction(cfg, env))
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     ctx = LearnerContext(policy, policy, optimizer, env, None, torch.Generator().manual_seed(1), torch.device("cpu"))
     # closed-form posterior per pixel: observed pixels combine the base sampler's own Gaussian marginal N(m_b, v_b)
@@ -81,8 +90,7 @@ def discretised_base_marginal(policy: DiffusionPolicy) -> tuple[torch.Tensor, to
     for k in range(schedule.num_steps):
         points = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
         eps = policy.base_forward(points, schedule.timesteps[k].expand(2), None)
-        step = ddim_step(eps, points, schedule.alpha_prod[k], schedule.alpha_prod_prev[k], schedule.eta,
-                         noise=torch.zeros_like(points))  # fmt: skip
+        step = ddim_step(schedule, k, eps, points, noise=torch.zeros_like(points))
         slope, offset = (step.mean[1] - step.mean[0]).item(), step.mean[0].item()
         mean, variance = slope * mean + offset, slope**2 * variance + step.std[0].item() ** 2
     return mean, variance
@@ -99,7 +107,7 @@ def sample(policy: DiffusionPolicy, y: torch.Tensor, batch: int, seed: int) -> T
         noise = torch.randn(x.shape, generator=generator)
         x = policy.step(x, k, context, noise=noise, base_output=base).prev_sample
         latents.append(x), noises.append(noise), bases.append(base)
-    reward = make_reward("measurement", operator="inpaint", hole_fraction=0.5, sigma_y=SIGMA_Y).fn(x, context)
+    reward = make_reward("measurement")(x, **toy_reward_context(context))
     return TensorDict({"latents": torch.stack(latents, 1), "noise": torch.stack(noises, 1),
                        "base_output": torch.stack(bases, 1), "context": context, "reward": reward}, batch_size=[batch])
 
@@ -197,8 +205,7 @@ def test_log_density_ratio_is_exact_for_stale_trajectories():
         x_t, x_next, base = batch["latents"][:, k], batch["latents"][:, k + 1], batch["base_output"][:, k]
         with torch.no_grad():
             fine = ctx.policy.step(x_t, k, batch["context"], prev_sample=x_next, base_output=base).log_prob
-            s = ctx.policy.schedule
-            plain = ddim_step(base, x_t, s.alpha_prod[k], s.alpha_prod_prev[k], s.eta, prev_sample=x_next)
+            plain = ddim_step(ctx.policy.schedule, k, base, x_t, prev_sample=x_next)
         expected += (fine - plain.log_prob) * dims  # log_prob is a mean over dimensions
     torch.testing.assert_close(info["log_rnd"], expected, rtol=1e-4, atol=1e-4)
 
@@ -253,8 +260,8 @@ def test_operators_and_the_measurement_reward_gradient():
     sr = SuperResolution(4)
     torch.testing.assert_close(sr(x)[0, 0, 1, 2], x[0, 0, 4:8, 8:12].mean())
     y = torch.randn(3, 1, 4, 4)
-    reward = make_reward("measurement", operator="sr", scale=4, sigma_y=0.1)
-    (gradient,) = torch.autograd.grad(reward.fn(x, y).sum(), x)
+    reward = make_reward("measurement")
+    (gradient,) = torch.autograd.grad(reward(x, measurement=y, operator=sr, sigma_y=0.1).sum(), x)
     # grad of -|A x - y|^2 / (2 sigma^2) is -A^T (A x - y) / sigma^2, and A^T spreads each value / 16 over its block
     expected = -sr.show(sr(x) - y) / 16 / 0.1**2
     torch.testing.assert_close(gradient, expected.detach())
@@ -305,9 +312,8 @@ def test_guidance_init_starts_s_t_at_the_analytic_estimate():
     last = env.schedule.stochastic_steps[-1].item()
     torch.testing.assert_close(estimate[:last], expected[:last].float(), rtol=0.1, atol=1e-4)
     assert (estimate[last:] == 0).all()  # the last stochastic step (tiny noise) and the deterministic one
-    scheduler_config = dict(DDPMScheduler(num_train_timesteps=1000).config)
     for init in (0.0, 0.5):
-        correction = deft.make_correction(deft.DEFTConfig(guidance_init=init), env, scheduler_config)
+        correction = deft.make_correction(deft.Config(guidance_init=init), env)
         # a reparameterisation of the starting point only: h = s_t output_scale_t g starts at init * estimate_t g
         torch.testing.assert_close(correction.guidance_scale * correction.output_scale, init * estimate)
     assert (deft.guidance_estimate(SimpleNamespace(schedule=env.schedule)) == 0).all()  # no operator: no estimate
@@ -317,19 +323,25 @@ def test_guidance_init_starts_s_t_at_the_analytic_estimate():
 
 
 def test_the_learning_rate_defaults_per_variant_and_a_bad_variant_is_named():
-    assert deft.DEFTConfig().lr == deft.DEFAULT_LR["log_variance"]
-    assert deft.DEFTConfig(variant="supervised").lr == deft.DEFAULT_LR["supervised"]
-    assert deft.DEFTConfig(variant="supervised", lr=5e-4).lr == 5e-4  # an explicit algo.lr wins
+    from rlft.config import ConfigError, compose
+
+    assert deft.Config().lr == deft.DEFAULT_LR["log_variance"]
+    assert deft.Config(variant="supervised").lr == deft.DEFAULT_LR["supervised"]
+    assert deft.Config(variant="supervised", lr=5e-4).lr == 5e-4  # an explicit algo.lr wins
+    assert compose(["algo=deft", "algo.variant=supervised"]).algo.lr == deft.DEFAULT_LR["supervised"]
     with pytest.raises(ValueError, match="algo.variant=sm is not one of log_variance, supervised"):
-        deft.DEFTConfig(variant="sm")
-    with pytest.raises(ValueError, match="algo.likelihood_weight=0 must be positive"):
-        deft.DEFTConfig(likelihood_weight=0)
+        deft.Config(variant="sm")
+    with pytest.raises(ConfigError, match="algo.variant=sm is out of range: algo.variant takes one of log_v"):
+        compose(["algo=deft", "algo.variant=sm"])
+    # ranges are the knobs' own (rlft.core.spec), checked when the spec is composed
+    with pytest.raises(ConfigError, match=r"algo.likelihood_weight=0.0 is out of range: .* takes a number > 0"):
+        compose(["algo=deft", "algo.likelihood_weight=0"])
     with pytest.raises(ValueError, match="applies to the log_variance variant"):
-        deft.DEFTConfig(variant="supervised", likelihood_weight=2.0)
-    with pytest.raises(ValueError, match="algo.pairs=real is not one of data, base"):
-        deft.DEFTConfig(variant="supervised", pairs="real")
+        deft.Config(variant="supervised", likelihood_weight=2.0)
+    with pytest.raises(ConfigError, match="algo.pairs=real is out of range: algo.pairs takes one of data, base"):
+        compose(["algo=deft", "algo.variant=supervised", "algo.pairs=real"])
     with pytest.raises(ValueError, match="add algo.variant=supervised"):
-        deft.DEFTConfig(pairs="base")
+        deft.Config(pairs="base")
 
 
 # ---- the policy hook and the learner loop ----
@@ -347,8 +359,9 @@ def test_h_net_with_guidance_init_0_starts_at_the_base_model_and_only_it_is_publ
     # h = 0 at the start: every step's mean is the base model's, so x_k+1 - mean_base = std * noise exactly
     schedule = worker.policy.schedule
     for k in schedule.stochastic_steps.tolist():
+        base_only = lambda x, t, c, b=None, w=None: worker.policy.base_forward(x, t, c)  # noqa: E731
         out = worker.policy.step(batch["latents"][:, k], k, batch["context"], noise=batch["noise"][:, k],
-                                 network=lambda x, t, c, b=None: worker.policy.base_forward(x, t, c))  # fmt: skip
+                                 network=base_only)  # fmt: skip
         torch.testing.assert_close(out.prev_sample, batch["latents"][:, k + 1], rtol=1e-5, atol=1e-5)
     learner.ingest([("b0", batch)])
     first = deft.log_variance_step(learner.ctx, batch, learner.algo)
@@ -377,14 +390,18 @@ def test_deft_runs_end_to_end_in_one_process(tiny_model_dir, tmp_path):
 
 
 def test_config_composes_the_measurement_reward():
-    from rlft.config import compose, validate
+    from rlft.config import ConfigError, compose, validate
 
-    cfg = compose("config", ["algo=deft", "env=digits_sr"])
+    cfg = compose(["algo=deft", "env=digits_sr"])
     validate(cfg)
-    assert cfg.reward.name == "measurement" and cfg.reward.sigma_y == cfg.env.sigma_y  # the env's own reward
-    assert compose("config", ["env=digits_inpaint", "reward=digit"]).reward.name == "digit"  # unless told otherwise
-    with pytest.raises(FileNotFoundError, match="env.base_model=/path/to/model"):
-        validate(compose("config", ["algo=deft", "env=flowers102_sr"]))
+    assert cfg.reward.name == "measurement"  # the env's own reward
+    # which takes the env's noise level with each measurement (the env's reward context), so the two always agree
+    env = cfg.env.make_env(cfg.reward.build(), 2)
+    observation, _ = env.reset(seed=0)
+    assert env.reward_context(observation["context"])["sigma_y"] == cfg.env.sigma_y
+    assert compose(["env=digits_inpaint", "reward=digit"]).reward.name == "digit"  # unless told otherwise
+    with pytest.raises(ConfigError, match="env=flowers102_sr needs a base model: set env.base_model="):
+        validate(compose(["algo=deft", "env=flowers102_sr"]))
 
 
 @pytest.mark.slow
@@ -401,3 +418,40 @@ def test_deft_through_real_ray_with_a_stale_buffer(tiny_model_dir, tmp_path):
     train = [m for m in lines if "loss/log_variance" in m]
     assert [m["buffer/size"] for m in train] == [16.0, 32.0]  # the second epoch also trains on the first's paths
     assert all("eval/psnr" in m for m in lines if "eval/reward_mean" in m)
+
+
+def test_deft_refuses_stable_diffusion_at_validation():
+    from rlft.config import ConfigError, compose, validate
+
+    differentiable = ["reward=python", "reward.function=tests.python_rewards:smooth", "reward.differentiable=true"]
+    with pytest.raises(ConfigError, match=r"algo=deft .*env=sd15 is a latent text-to-image model"):
+        validate(compose(["algo=deft", "env=sd15", *differentiable]))
+    with pytest.raises(ConfigError, match="algo=deft"):  # with SD's own reward too
+        validate(compose(["algo=deft", "env=sd15"]))
+
+
+@pytest.mark.parametrize("function", ["nan_every_other_row", "half_nan"])
+def test_non_finite_rewards_through_a_log_variance_update_leave_the_weights_finite(tiny_model_dir, function):
+    """Some rewards are NaN (rows 0, 2, ... of every call; or decided by each image, which also makes the h-net's
+    likelihood gradient g of those x0_hat zero): they are counted and dropped, the rest trains, nothing turns NaN."""
+    from rlft.config import validate
+
+    cfg = tiny_cfg(tiny_model_dir, "algo=deft", "reward=python", f"reward.function=tests.python_rewards:{function}",
+                   "reward.differentiable=true", "algo.lr=1e-2")  # fmt: skip
+    validate(cfg)  # a differentiable reward, as DEFT needs
+    learner = Learner(cfg, torch.device("cpu"))
+    worker = RolloutWorker(cfg)
+    initial = learner.policy.trainable_state_dict()
+    worker.set_weights(initial, 0)
+    batch = worker.collect(0, seed=3, n=16)
+    nonfinite = int((~batch["reward_finite"]).sum())
+    assert (nonfinite == 8 if function == "nan_every_other_row" else 0 < nonfinite < 16)
+    assert bool(batch["latents"].isfinite().all()) and bool(batch["base_output"].isfinite().all())
+    ingested = learner.ingest([("b0", batch)])
+    assert ingested["reward/nonfinite"] == float(nonfinite) and len(learner.buffer) == 16 - nonfinite
+    metrics = learner.update()
+    assert metrics["train/skipped_epochs"] == 0.0 and metrics["train/optimizer_steps"] > 0
+    assert math.isfinite(metrics["loss/log_variance"]) and metrics["train/skipped_steps"] == 0.0
+    weights = learner.policy.trainable_state_dict()
+    assert all(bool(v.isfinite().all()) for v in weights.values())
+    assert any(not torch.equal(weights[k], initial[k]) for k in initial)

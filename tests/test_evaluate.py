@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+import yaml
 from safetensors.torch import load_file, save_file
 
+from rlft.config import load_spec
 from rlft.evaluate import main, mean_pairwise_distance
 from rlft.rollout import RolloutWorker
 from rlft.run import main as run
@@ -19,8 +20,9 @@ TINY_RUN = ["env.num_inference_steps=3", "trainer.rollout_batch_size=8", "traine
             "algo.lr=3e-3", "ray.num_rollout_workers=1"]  # fmt: skip
 
 
-def run_config(run_dir) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+def run_config(run_dir):
+    """The spec the run saved (its config.yaml)."""
+    return load_spec(yaml.safe_load((run_dir / "config.yaml").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +71,38 @@ def test_a_checkpoint_equal_to_the_base_changes_nothing(run_dir, tmp_path):
     assert summary["change"]["diversity/pixel_ratio"] == pytest.approx(1.0)
 
 
-def test_a_base_model_alone_and_bad_targets(tmp_path):
+def test_a_base_model_alone_and_bad_targets(run_dir, tmp_path):
     out = main(["base", "--num-samples=8", f"--out={tmp_path / 'base'}", *TINY_RUN[:4]])
     summary = json.loads((out / "metrics.json").read_text())
     assert "fine-tuned" not in summary and summary["base"]["diversity/feature"] > 0
     assert not (out / "samples_finetuned.png").exists()
+    # a run folder whose run has not finished: its config (a whole spec, as rlft.run writes it), no final weights
     (tmp_path / "unfinished").mkdir()
-    (tmp_path / "unfinished" / "config.yaml").write_text("seed: 0\n")
+    shutil.copy(run_dir / "config.yaml", tmp_path / "unfinished" / "config.yaml")
     with pytest.raises(SystemExit, match="final/policy.safetensors is missing: the run did not finish"):
         main([str(tmp_path / "unfinished")])
+    (tmp_path / "unfinished" / "config.yaml").write_text("seed: 0\n")  # not a config rlft.run wrote: one line
+    with pytest.raises(SystemExit, match="^rlft.evaluate: the saved config has no algo group .* not a config.yaml"):
+        main([str(tmp_path / "unfinished")])
+
+
+def test_superiority_is_the_mann_whitney_statistic_and_the_gap_compares_reward_and_judge():
+    from scipy.stats import mannwhitneyu
+
+    from rlft.evaluate import evaluation_baseline, hacking_metrics, superiority
+
+    generator = torch.Generator().manual_seed(0)
+    base, later = torch.randn(200, generator=generator), torch.randn(150, generator=generator) + 0.7
+    later[:10] = base[:10]  # ties count half
+    expected = mannwhitneyu(later.numpy(), base.numpy()).statistic / (150 * 200)
+    assert superiority(later, sorted(base.tolist())) == pytest.approx(expected)
+    assert superiority(base, sorted(base.tolist())) == pytest.approx(0.5)
+    # a reward that rises while its judge does not: the gap is the difference of the two superiorities
+    metrics = {"eval/diversity/pixel": 2.0}
+    baseline = evaluation_baseline({"metrics": {"eval/diversity/pixel": 4.0}, "reward": base, "judge": base})
+    result = {"metrics": metrics, "reward": base + 10, "judge": base.clone()}
+    found = hacking_metrics(baseline, {**result, "reward": torch.cat([base[:5] + 10, torch.tensor([float("nan")])])})
+    assert found["eval/reward_superiority"] == 1.0  # the NaN is left out
+    found = hacking_metrics(baseline, result)
+    assert found["eval/judge/superiority"] == pytest.approx(0.5) and found["eval/hacking_gap"] == pytest.approx(0.5)
+    assert found["eval/diversity/pixel_ratio"] == 0.5

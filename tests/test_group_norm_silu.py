@@ -1,5 +1,5 @@
-"""rlft.group_norm_silu's Triton kernels against autograd in float64: on a GPU when there is one, else on CPU through
-Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported)."""
+"""rlft.kernels.group_norm_silu's Triton kernels against autograd in float64: on a GPU when there is one, else on CPU
+through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported)."""
 
 import importlib
 import os
@@ -13,7 +13,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def kernels():
-    module = importlib.import_module("rlft.group_norm_silu")
+    module = importlib.import_module("rlft.kernels.group_norm_silu")
     interpreted = type(module._scale_shift_silu_kernel).__name__ == "InterpretedFunction"
     assert interpreted == (DEVICE == "cpu"), f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} on {DEVICE}"
     return module

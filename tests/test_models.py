@@ -1,46 +1,30 @@
 """Real base models through their real loaders, on tiny random models saved with save_pretrained; offline errors."""
 
-import huggingface_hub.constants
+import dataclasses
+import json
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
-from rlft.envs.models import ModelUnavailableError, check_base_model
-from rlft.envs.rewards import jpeg_size_kb
 from transformers import CLIPTextModel
 
-from rlft.config import compose, to_container, validate
+from rlft.config import compose, validate
+from rlft.core.schedule import DDIMSchedule
+from rlft.envs.models import ModelUnavailableError, check_ddpm
+from rlft.envs.rewards import jpeg_size_kb
+from rlft.policy import DiffusionPolicy
 from rlft.rollout import RolloutWorker
-from rlft.stable_diffusion import ClassifierFreeGuidance
-from tests.conftest import save_tiny_ddpm
-from tests.tiny_models import save_tiny_stable_diffusion
 
 SMALL = ["env.num_inference_steps=3", "trainer.rollout_batch_size=4", "trainer.samples_per_epoch=4",
          "algo.minibatch_size=4", "eval.num_samples=4", "ray.rollout_threads=1", "ray.learner_threads=1",
          "ray.num_rollout_workers=1", "logging.wandb=disabled", "logging.progress=false",
-         "reward=jpeg_compressibility"]  # fmt: skip
+         "reward=jpeg_compressibility", "judge=none"]  # fmt: skip  (the real reward and judge models are not here)
 
 
-def cfg_for(*overrides: str) -> dict:
-    cfg = compose("config", [*SMALL, *overrides])
-    validate(cfg)
-    return to_container(cfg)
-
-
-@pytest.fixture(scope="module")
-def tiny_rgb_ddpm(tmp_path_factory):
-    return save_tiny_ddpm(tmp_path_factory.mktemp("rgb_ddpm"), seed=3, sample_size=16, channels=3)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))
-
-
-@pytest.fixture
-def empty_hf_cache(tmp_path, monkeypatch):
-    """No network (conftest sets HF_HUB_OFFLINE=1) and an empty HF cache: the real models are not to be had."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+def cfg_for(*overrides: str):
+    spec = compose([*SMALL, *overrides])
+    validate(spec)
+    return spec
 
 
 @pytest.mark.parametrize("env", ["celebahq", "church", "cifar10"])
@@ -60,7 +44,7 @@ def test_hub_ids_of_the_real_models_are_the_defaults():
     expected = {"celebahq": "google/ddpm-celebahq-256", "church": "google/ddpm-church-256",
                 "cifar10": "google/ddpm-cifar10-32", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
     for env, model_id in expected.items():
-        assert compose("config", [f"env={env}"]).env.base_model == model_id
+        assert compose([f"env={env}"]).env.base_model == model_id
 
 
 @pytest.mark.parametrize(
@@ -86,9 +70,9 @@ def test_a_folder_without_the_model_files_is_named(tmp_path):
     with pytest.raises(ModelUnavailableError, match=r"scheduler_config.json is missing.*env.base_model="):
         UNet2DModel(sample_size=8, block_out_channels=(4, 8), norm_num_groups=4, layers_per_block=1,
                     down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).save_pretrained(tmp_path)
-        check_base_model({"name": "ddpm", "base_model": str(tmp_path)})  # fmt: skip
+        check_ddpm(str(tmp_path))  # fmt: skip
     with pytest.raises(ValueError, match="env=ddpm needs a base model: set env.base_model="):
-        validate(compose("config", ["env=ddpm"]))
+        validate(compose(["env=ddpm"]))
 
 
 def test_stable_diffusion_env_rolls_out_in_latent_space_and_rewards_decoded_images(tiny_sd):
@@ -108,12 +92,23 @@ def test_stable_diffusion_env_rolls_out_in_latent_space_and_rewards_decoded_imag
         images = vae.decode(batch["latents"][:, -1] / vae.config.scaling_factor).sample
     assert images.shape == (4, 3, 32, 32)
     torch.testing.assert_close(batch["reward"], -jpeg_size_kb(images, 95))
+    # evaluations sample the held-out prompts (the evaluation env) and show the VAE decoding of their x_0
     evaluated = worker.evaluate(0, seed=2, n=4)
-    torch.testing.assert_close(evaluated["images"], images, atol=1e-5, rtol=0)
+    held_out = worker.eval_env.context_sampler
+    assert held_out.prompts == ["a photo of a fox", "a photo of a cow", "a photo of an owl", "a photo of a goat"]
+    assert all(any(torch.equal(row, t) for t in held_out.embeddings) for row in evaluated["context"])
+    eval_batch = worker.collect(0, seed=2, n=4, postprocess=False, env=worker.eval_env)
+    with torch.no_grad():
+        eval_images = vae.decode(eval_batch["latents"][:, -1] / vae.config.scaling_factor).sample
+    torch.testing.assert_close(evaluated["images"], eval_images, atol=1e-5, rtol=0)
 
 
 def test_classifier_free_guidance_combines_the_two_predictions(tiny_sd):
+    """The policy's guided prediction (DiffusionPolicy with the env's null context; the old ClassifierFreeGuidance
+    wrapper is gone) against the two predictions of the real UNet."""
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    scheduler_config = json.loads((tiny_sd / "scheduler" / "scheduler_config.json").read_text())
+    schedule = DDIMSchedule.from_scheduler_config(scheduler_config, 4, 1.0)
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
     generator = torch.Generator().manual_seed(0)
     x, t = torch.randn(3, 4, 16, 16, generator=generator), torch.tensor([900, 500, 20])
@@ -122,9 +117,13 @@ def test_classifier_free_guidance_combines_the_two_predictions(tiny_sd):
     with torch.no_grad():
         eps_c = unet(x, t, encoder_hidden_states=cond).sample
         eps_u = unet(x, t, encoder_hidden_states=uncond.expand(3, -1, -1)).sample
-        guided = ClassifierFreeGuidance(unet, uncond, 7.5)(x, t, encoder_hidden_states=cond).sample
-        plain = ClassifierFreeGuidance(unet, uncond, 1.0)(x, t, encoder_hidden_states=cond).sample
+        guided = DiffusionPolicy(unet, schedule, null_context=uncond, guidance_scale=7.5)(x, t, cond)
+        plain = DiffusionPolicy(unet, schedule, null_context=uncond, guidance_scale=1.0)(x, t, cond)
+        # a call's own guidance scale wins over the policy's
+        overridden = DiffusionPolicy(unet, schedule, null_context=uncond, guidance_scale=1.0)(x, t, cond,
+                                                                                              guidance_scale=7.5)
     torch.testing.assert_close(guided, eps_u + 7.5 * (eps_c - eps_u), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(overridden, guided)
     torch.testing.assert_close(plain, eps_c)
 
 
@@ -135,7 +134,7 @@ def test_prompts_come_from_a_prompt_file(tiny_sd, tmp_path):
     worker = RolloutWorker(cfg)
     assert worker.env.context_sampler.prompts == ["a cat", "an owl at night"]
     with pytest.raises(FileNotFoundError, match="env.prompt_file=/nonexistent.txt does not exist"):
-        RolloutWorker({**cfg, "env": {**cfg["env"], "prompt_file": "/nonexistent.txt"}})
+        RolloutWorker(dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, prompt_file="/nonexistent.txt")))
 
 
 def test_ddpo_trains_the_stable_diffusion_unet_through_guidance(tiny_sd, tmp_path):
@@ -161,4 +160,8 @@ def test_registered_gymnasium_ids_build_the_env_from_the_model_configs(tiny_rgb_
                              base_model=str(tiny_rgb_ddpm), num_inference_steps=4)  # fmt: skip
     obs, _ = env.reset(seed=0)
     assert obs["x_t"].shape == (2, 3, 16, 16) and env.schedule.num_steps == 4
-    assert gymnasium.spec("rlft/CelebAHQ-v0").kwargs["base_model"] == "google/ddpm-celebahq-256"
+    # the registered id builds its preset, whose default base model is the real one (kwargs change preset keys)
+    from rlft.envs.tasks import ENV_PRESETS
+
+    celebahq = gymnasium.spec("rlft/CelebAHQ-v0").kwargs["preset_name"]
+    assert ENV_PRESETS[celebahq].base_model == "google/ddpm-celebahq-256"

@@ -2,13 +2,17 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from rlft.checkpoint import Checkpoint, committed
 from rlft.learner import Learner
 from rlft.rollout import RolloutGroup, RolloutWorker
 from rlft.run import main
@@ -35,12 +39,109 @@ def check_run_folder(run_dir: Path, epochs: int) -> list[dict]:
     return train_lines
 
 
+# what Ray prints on the driver's terminal when the workers' logs are forwarded to it ("(TrainController pid=...)")
+RAY_LOG_PREFIXES = ("(TrainController", "(RayTrainWorker", "(RolloutWorker", "(RewardServer", "(raylet)")
+
+
+def assert_quiet(output: str) -> None:
+    """A run's terminal output holds what rlft says, no traceback and no Ray worker log lines."""
+    assert "Traceback" not in output, output[-4000:]
+    leaked = [line for line in output.splitlines() if any(prefix in line for prefix in RAY_LOG_PREFIXES)]
+    assert not leaked, leaked[:5]
+
+
 @pytest.mark.slow
 def test_run_through_real_ray_as_a_subprocess(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    run_rlft(f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}", "trainer.epochs=2", "ray.num_cpus=4",
-             *TINY)  # fmt: skip
+    result = run_rlft(f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}", "trainer.epochs=2",
+                      "ray.num_cpus=4", *TINY)  # fmt: skip
     check_run_folder(run_dir, epochs=2)
+    assert_quiet(result.stdout + result.stderr)  # the default run: a progress bar and rlft's own lines
+    assert f"rlft: run folder {run_dir}" in result.stdout and f"rlft: done; results in {run_dir}" in result.stdout
+
+
+RAY_ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+
+
+def start_rlft(args: list[str], cwd: Path, output: Path) -> subprocess.Popen:
+    """`python -m rlft.run ARGS` in `cwd`, in a process group of its own (as a terminal's job), output to a file."""
+    with open(output, "w") as sink:
+        return subprocess.Popen([sys.executable, "-m", "rlft.run", *args], cwd=cwd, env=RAY_ENV, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def trained_epochs(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [m["epoch"] for m in lines if "policy_version" in m]
+
+
+@pytest.mark.slow
+def test_a_ray_run_in_a_relative_folder_is_killed_and_resumed_from_the_same_working_directory(tiny_model_dir,
+                                                                                              tmp_path):  # fmt: skip
+    """logging.run_dir=runs/x means <working directory>/runs/x for every process of the run (Ray Train's learners
+    run in Ray's session folder): the checkpoints land there, and resume=runs/x finds them."""
+    epochs, args = 4, [f"env.base_model={tiny_model_dir}", *TINY, "ray.num_cpus=4", "logging.progress=false",
+                       "trainer.checkpoint_every=1"]  # fmt: skip
+    run_dir = tmp_path / "runs" / "x"
+    process = start_rlft([*args, "logging.run_dir=runs/x", f"trainer.epochs={epochs}"], tmp_path, tmp_path / "1.txt")
+    try:
+        wait_for(lambda: committed(run_dir / "checkpoints"), process)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, (tmp_path / "1.txt").read_text()[-3000:]
+    stopped_at = Checkpoint.open(committed(run_dir / "checkpoints")[-1]).epoch
+    assert 1 <= stopped_at < epochs and not (run_dir / "final").exists()
+
+    resumed = start_rlft([*args, "resume=runs/x", f"trainer.epochs={epochs}"], tmp_path, tmp_path / "2.txt")
+    assert resumed.wait(timeout=400) == 0, (tmp_path / "2.txt").read_text()[-3000:]
+    output = (tmp_path / "2.txt").read_text()
+    assert re.search(rf"rlft: resuming {re.escape(str(run_dir))} from epoch_\d+ \(epoch \d+\)", output), output
+    assert_quiet(output)
+    assert trained_epochs(run_dir) == list(range(1, epochs + 1))  # appended after the checkpoint, no repeats
+    assert (run_dir / "final" / "policy.safetensors").stat().st_size > 1000
+    checkpoints = {p.parent for p in tmp_path.rglob("epoch_0*") if p.is_dir()}
+    assert checkpoints == {run_dir / "checkpoints"}  # nowhere else (not in Ray's session or Train's folders)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_ray_run_after_its_epoch_with_a_checkpoint_and_one_line(tiny_model_dir, tmp_path):
+    run_dir, output_file = tmp_path / "run", tmp_path / "output.txt"
+    process = start_rlft([f"env.base_model={tiny_model_dir}", f"logging.run_dir={run_dir}", *TINY, "ray.num_cpus=4",
+                          "trainer.epochs=30"], tmp_path, output_file)  # fmt: skip
+    try:
+        wait_for(lambda: trained_epochs(run_dir), process)
+        assert process.poll() is None, output_file.read_text()[-3000:]
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal: SIGINT to the whole foreground process group
+        code = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = output_file.read_text()
+    assert code == 0, output[-4000:]  # a requested stop is a clean end: the run can be resumed
+    assert_quiet(output)
+    stopped = [line for line in output.splitlines() if "rlft: stopped" in line]
+    assert len(stopped) == 1, output[-4000:]
+    epoch = int(re.fullmatch(r"rlft: stopped after epoch (\d+), with a checkpoint; continue with `python -m rlft.run "
+                             rf"resume={re.escape(str(run_dir))}`", stopped[0].strip()).group(1))  # fmt: skip
+    assert 1 <= epoch < 30 and trained_epochs(run_dir)[-1] == epoch
+    assert Checkpoint.open(committed(run_dir / "checkpoints")[-1]).epoch == epoch
+    assert not (run_dir / "final").exists() and "rlft: done" not in output
+
+
+@pytest.mark.parametrize("module", ["rlft.run", "rlft.tune", "rlft.pretrain", "rlft.evaluate"])
+def test_every_command_has_help(module, tmp_path):
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env=RAY_ENV)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"usage: python -m {module} "), result.stdout[:500]
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())  # it writes nothing
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Many workers and their faults, through real Ray: DDP learners in sync, a learner and a rollout actor dying."""
+"""Many workers and their faults, through real Ray: DDP learners in sync, a learner and a rollout actor dying, a
+rollout actor hanging."""
 
 import json
 import os
@@ -15,7 +16,7 @@ import torch
 
 from rlft.checkpoint import Checkpoint, committed
 from rlft.learner import Learner
-from rlft.pipeline import fit_learners, init_ray, ray_call, share_weights, start_rollout_actors
+from rlft.pipeline import RayCall, fit_learners, init_ray, share_weights, start_rollout_actors
 from rlft.rollout import RolloutGroup, RolloutWorker, derive_seed
 from tests.helpers import TINY_OVERRIDES, tiny_cfg
 
@@ -76,20 +77,33 @@ def test_two_learners_stay_identical_consume_each_batch_once_and_survive_a_learn
     assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1))
 
 
+def two_epochs(group: RolloutGroup, learner: Learner) -> tuple[list[dict], list[list]]:
+    """Two epochs of publish, collect, ingest and update; the weights published and the batches collected."""
+    published, collected = [], []
+    for epoch in range(2):
+        published.append(learner.policy.trainable_state_dict())
+        group.publish(published[-1], learner.policy_version)
+        batches = group.collect(learner.policy_version, derive_seed(7, epoch), 16)
+        collected.append(batches)
+        learner.ingest(batches)
+        learner.update()
+    return published, collected
+
+
 def test_a_rollout_actor_killed_mid_collect_is_restarted_and_its_batch_made_once(tiny_model_dir, tmp_path):
     log, crashed = tmp_path / "collects.log", tmp_path / "crashed"
 
     class CrashingWorker(RolloutWorker):
         """Worker 1 dies (the process exits) half-way through its first collect at policy version 1."""
 
-        def collect(self, policy_version, seed, n, published=None):
+        def collect(self, policy_version, seed, n, published=None, postprocess=True, env=None):
             with open(log, "a") as f:
                 f.write(f"{self.worker_index} {seed} start holding=v{self.policy_version}\n")
             if self.worker_index == 1 and policy_version == 1 and not crashed.exists():
                 crashed.touch()
-                self._rollout(seed)  # part of the work
+                self._rollout(seed, self.env)  # part of the work
                 os._exit(1)
-            batch = super().collect(policy_version, seed, n, published)
+            batch = super().collect(policy_version, seed, n, published, postprocess, env)
             with open(log, "a") as f:
                 f.write(f"{self.worker_index} {seed} done\n")
             return batch
@@ -98,16 +112,9 @@ def test_a_rollout_actor_killed_mid_collect_is_restarted_and_its_batch_made_once
     init_ray(cfg)
     try:
         actors = start_rollout_actors(cfg, CrashingWorker)
-        group = RolloutGroup(actors, ray_call, share_weights)
+        group = RolloutGroup(actors, RayCall(), share_weights)
         learner = Learner(cfg, torch.device("cpu"))
-        published, collected = [], []
-        for epoch in range(2):
-            published.append(learner.policy.trainable_state_dict())
-            group.publish(published[-1], learner.policy_version)
-            batches = group.collect(learner.policy_version, derive_seed(7, epoch), 16)
-            collected.append(batches)
-            learner.ingest(batches)
-            learner.update()
+        published, collected = two_epochs(group, learner)
     finally:
         ray.shutdown()
     seed = derive_seed(derive_seed(7, 1), 1)  # worker 1's seed at epoch 1
@@ -122,6 +129,51 @@ def test_a_rollout_actor_killed_mid_collect_is_restarted_and_its_batch_made_once
     assert uid.startswith("v1-") and str(seed) in uid
     expected = reference.collect(1, seed, 8)
     assert torch.equal(batch["latents"], expected["latents"]) and torch.equal(batch["log_prob"], expected["log_prob"])
+
+
+def test_a_hung_rollout_actor_is_replaced_and_its_batch_made_and_ingested_once(tiny_model_dir, tmp_path):
+    log, hung, timeout_s = tmp_path / "collects.log", tmp_path / "hung", 10
+
+    class HangingWorker(RolloutWorker):
+        """Worker 1 never answers its first collect at policy version 1 (it sleeps far past the timeout)."""
+
+        def collect(self, policy_version, seed, n, published=None, postprocess=True, env=None):
+            with open(log, "a") as f:
+                f.write(f"{self.worker_index} {seed} start holding=v{self.policy_version}\n")
+            if self.worker_index == 1 and policy_version == 1 and not hung.exists():
+                hung.touch()
+                time.sleep(3600)
+            batch = super().collect(policy_version, seed, n, published, postprocess, env)
+            with open(log, "a") as f:
+                f.write(f"{self.worker_index} {seed} done\n")
+            return batch
+
+    cfg = tiny_cfg(tiny_model_dir, "ray.num_rollout_workers=2", "ray.num_cpus=4", f"ray.collect_timeout_s={timeout_s}")
+    init_ray(cfg)
+    warnings = []
+    try:
+        actors = start_rollout_actors(cfg, HangingWorker)
+        ray.get([actor.__ray_ready__.remote() for actor in actors])  # built: the timeout is about collects
+        call = RayCall(cfg.ray.collect_timeout_s, cfg.ray.max_rollout_restarts, warn=warnings.append)
+        group = RolloutGroup(actors, call, share_weights)
+        learner = Learner(cfg, torch.device("cpu"))
+        published, collected = two_epochs(group, learner)
+    finally:
+        ray.shutdown()
+    assert warnings == [f"a rollout worker did not answer within ray.collect_timeout_s={timeout_s} s; replacing it "
+                        "and retrying its call"]  # fmt: skip
+    seed = derive_seed(derive_seed(7, 1), 1)  # worker 1's seed at epoch 1
+    lines = [line for line in log.read_text().splitlines() if line.startswith(f"1 {seed} ")]
+    # the hung call, then the replacement (back on the base weights) fetched v1 and made the batch once
+    assert lines == [f"1 {seed} start holding=v1", f"1 {seed} start holding=v0", f"1 {seed} done"]
+    uids = [uid for batches in collected for uid, _ in batches]
+    assert len(set(uids)) == 4 and sorted(learner.buffer.state_dict()["seen"]) == sorted(uids)  # each ingested once
+    assert learner.buffer.stats["added"] == 32 and learner.buffer.stats["duplicates"] == 0
+    reference = RolloutWorker(cfg, 1)  # oracle: the same collect in this process with the published v1 weights
+    reference.set_weights(published[1], 1)
+    expected = reference.collect(1, seed, 8)
+    uid, batch = collected[1][1]
+    assert str(seed) in uid and torch.equal(batch["latents"], expected["latents"])
 
 
 def test_learners_that_lost_the_race_for_their_port_start_again(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -17,7 +17,7 @@ import yaml
 from ray import tune
 
 import rlft.tune as rlft_tune
-from rlft.config import compose, to_container
+from rlft.config import compose, to_dict
 from rlft.tune import SweepError, TuneReport, check_sweep, load_sweep, make_scheduler, search_space
 
 SWEEPS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "tune_configs").glob("*.yaml"))
@@ -43,7 +43,7 @@ def test_every_shipped_sweep_composes_and_validates_at_every_probe_value(name):
 def test_there_is_a_ddpo_digits_sweep_with_a_scheduler():
     sweep = load_sweep("ddpo_digits", [])
     assert "algo=ddpo" in sweep["overrides"] and "env=digits" in sweep["overrides"]
-    assert sweep["scheduler"]["name"] == "asha" and sweep["metric"] == "eval/target_fraction"
+    assert sweep["scheduler"]["name"] == "asha" and sweep["metric"] == "eval/judge/target_fraction"
 
 
 def test_command_line_sets_sweep_keys_and_passes_the_rest_to_the_rlft_config():
@@ -188,7 +188,7 @@ def test_a_two_trial_sweep_through_real_ray_tune_then_resumes_without_rerunning(
     assert best["value"] == table["eval/target_fraction"].max() and best["run_dir"] == table["run_dir"][0]
     assert best["command"].startswith("python -m rlft.run ") and f"algo.lr={best['config']['algo']['lr']}" in best[
         "command"]  # fmt: skip
-    reproduced = to_container(compose("config", best["overrides"]))
+    reproduced = to_dict(compose(best["overrides"]))
     assert {k: v for k, v in reproduced.items() if k != "logging"} == {
         k: v for k, v in best["config"].items() if k != "logging"}  # fmt: skip
     assert "eval/target_fraction" in first.stdout and "best config in" in first.stdout
@@ -204,10 +204,19 @@ def test_a_two_trial_sweep_through_real_ray_tune_then_resumes_without_rerunning(
 @pytest.mark.slow
 def test_a_failed_trial_fails_the_sweep_and_a_rerun_retries_it(tiny_model_dir, tmp_path):
     # the trial runs without Ray inside it (as in the PBT test below): this is about Tune's handling of its failure
-    model_dir = tmp_path / "model"  # the configs pass the check before Ray starts; the weights file is missing
+    from diffusers import UNet2DModel
+
+    # the model folder passes the checks before Ray starts (its configs, a weights file that parses), but its weights
+    # are another architecture's, so loading the network fails inside the trial (a missing weights file is caught
+    # before Ray starts now)
+    model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     weights = next(model_dir.glob("*.safetensors"))
     weights.rename(tmp_path / weights.name)
+    other = UNet2DModel.load_config(model_dir)
+    other["block_out_channels"] = [16, 16]
+    UNet2DModel.from_config(other).save_pretrained(tmp_path / "other", safe_serialization=True)
+    shutil.copy(tmp_path / "other" / weights.name, weights)
     sweep_file = write_sweep(tmp_path / "broken.yaml", overrides=[
         f"env.base_model={model_dir}", *TINY_TRIALS, "trainer.epochs=1", "ray.enabled=false",
     ], search_space={"algo.lr": {"grid": [1.0e-4]}})  # fmt: skip
@@ -215,11 +224,11 @@ def test_a_failed_trial_fails_the_sweep_and_a_rerun_retries_it(tiny_model_dir, t
     first = run_tune(args, tmp_path)
     assert first.returncode == 1, first.stdout[-4000:] + first.stderr[-4000:]
     assert "1 of 1 trial(s) failed" in first.stderr and "retries them from their newest checkpoints" in first.stderr
-    assert weights.name in first.stderr  # the trial's own error, not only Tune's summary of it
+    assert "conv_in.bias expected shape" in first.stderr  # the trial's own error, not only Tune's summary of it
     sweep_dir = tmp_path / "sweeps" / "broken"
     assert list(pd.read_csv(sweep_dir / "results.csv")["status"]) == ["error"]
 
-    (tmp_path / weights.name).rename(weights)  # the user fixes the cause and reruns the same command
+    (tmp_path / weights.name).replace(weights)  # the user fixes the cause and reruns the same command
     again = run_tune(args, tmp_path)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     table = pd.read_csv(sweep_dir / "results.csv")
@@ -270,3 +279,46 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint_with_a_ne
     table = pd.read_csv(sweep_dir / "results.csv")
     assert list(table["status"]) == ["done", "done"] and list(table["epochs"]) == [3, 3]
     assert table.set_index("run_dir")["algo.lr"][str(trial_run)] == pytest.approx(new_lr)
+
+
+class RunsCode:
+    """Unpickling this creates a file: the proof that something unpickled a sweep's state."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (Path.touch, (self.sentinel,))
+
+
+def test_a_sweep_folder_others_could_write_is_refused_before_tune_unpickles_it(tmp_path, monkeypatch):
+    import pickle
+
+    import ray
+
+    sweep_file = write_sweep(tmp_path / "shared.yaml", overrides=[*TINY_TRIALS, "trainer.epochs=1"])
+    sweep = load_sweep(str(sweep_file), [f"storage_path={tmp_path / 'sweeps'}"])
+    sweep_dir = tmp_path / "sweeps" / "shared"
+    sweep_dir.mkdir(parents=True)
+    sentinel = tmp_path / "code_ran"
+    state = sweep_dir / "tuner.pkl"  # what Tuner.restore unpickles; here a pickle that runs code when loaded
+    state.write_bytes(pickle.dumps(RunsCode(sentinel)))
+    state.chmod(0o644)
+    assert tune.Tuner.can_restore(str(sweep_dir))  # a rerun would restore this folder
+    rlft_tune.check_owner(sweep_dir)  # our own file, writable by us alone: accepted
+
+    state.chmod(0o646)  # o+w: anyone on the machine could have replaced it
+    with pytest.raises(SweepError, match=r"tuner.pkl belongs to another user or is writable by others .*mode "
+                                         r"0o646.* will not restore"):  # fmt: skip
+        rlft_tune.run_sweep(sweep, make_scheduler(sweep, epochs=1), keep_checkpoints=1)
+    # through the command line: one line, and Tune never starts (Ray is not even needed to refuse it)
+    monkeypatch.setattr(rlft_tune, "init_ray", lambda sweep: None)
+    with pytest.raises(SystemExit, match="^rlft.tune: .*tuner.pkl belongs to another user or is writable by others"):
+        rlft_tune.main([str(sweep_file), f"storage_path={tmp_path / 'sweeps'}"])
+
+    state.chmod(0o644)
+    if os.getuid() == 0:  # owned by another uid (CI and the dev machines run the tests as root, which may chown)
+        os.chown(state, 4242, -1)
+        with pytest.raises(SweepError, match="owner uid 4242"):
+            rlft_tune.run_sweep(sweep, make_scheduler(sweep, epochs=1), keep_checkpoints=1)
+    assert not sentinel.exists() and not ray.is_initialized()

@@ -1,10 +1,13 @@
-"""The DDIM sampling schedule the env owns: which timesteps the MDP visits and their alpha-bars."""
+"""The DDIM sampling schedule: which timesteps the MDP visits, their alpha-bars, and how to read the network."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
@@ -12,7 +15,7 @@ class DDIMSchedule:
     """`num_inference_steps` DDIM steps over a trained DDPM's noise schedule, with stochasticity `eta`.
 
     Step k (k = 0 .. T-1) goes from timestep `timesteps[k]` to `prev_timesteps[k]`; the alpha-bars of both
-    ends are precomputed so the sampler step is a pure function of tensors.
+    ends are precomputed so the sampler step (rlft.core.sampler) is a pure function of tensors.
     """
 
     timesteps: torch.Tensor  # [T] int64, descending
@@ -20,10 +23,13 @@ class DDIMSchedule:
     alpha_prod_prev: torch.Tensor  # [T] float32: alpha-bar at the next (less noisy) timestep
     eta: float
     num_train_timesteps: int
+    prediction_type: str = "epsilon"  # what the network predicts: "epsilon", "v_prediction" or "sample"
+    clip_sample_range: float | None = None  # x0_hat is clipped to [-range, range] (the scheduler's clip_sample)
 
     @classmethod
     def from_scheduler_config(cls, scheduler_config: dict, num_inference_steps: int, eta: float) -> DDIMSchedule:
-        """Timesteps and alpha-bars exactly as `diffusers.DDIMScheduler.set_timesteps` would make them."""
+        """Timesteps and alpha-bars exactly as `diffusers.DDIMScheduler.set_timesteps` makes them from the model's
+        scheduler config, whose options the step honours (prediction_type, clip_sample) or refuses (thresholding)."""
         from diffusers import DDIMScheduler
 
         if num_inference_steps < 1:
@@ -31,12 +37,21 @@ class DDIMSchedule:
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1] (0 = deterministic DDIM, 1 = memoryless), got {eta}")
         scheduler = DDIMScheduler.from_config(dict(scheduler_config))
+        config = scheduler.config
+        if config.thresholding:
+            raise ValueError("the model's scheduler config sets thresholding=true (dynamic thresholding of x0), which "
+                             "rlft's sampler does not implement; set it to false in the model's scheduler_config.json")
+        if config.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"the model's scheduler config has prediction_type={config.prediction_type!r}; rlft's "
+                             f"sampler reads {', '.join(PREDICTION_TYPES)}")  # fmt: skip
         scheduler.set_timesteps(num_inference_steps)
         timesteps = scheduler.timesteps.to(torch.int64)
-        prev = timesteps - scheduler.config.num_train_timesteps // num_inference_steps
+        prev = timesteps - config.num_train_timesteps // num_inference_steps
         alphas = scheduler.alphas_cumprod.to(torch.float32)
         alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], scheduler.final_alpha_cumprod.float())
-        return cls(timesteps, alphas[timesteps], alpha_prev, float(eta), int(scheduler.config.num_train_timesteps))
+        clip = float(config.clip_sample_range) if config.clip_sample else None
+        return cls(timesteps, alphas[timesteps], alpha_prev, float(eta), int(config.num_train_timesteps),
+                   config.prediction_type, clip)  # fmt: skip
 
     @property
     def std(self) -> torch.Tensor:
@@ -54,7 +69,9 @@ class DDIMSchedule:
         return len(self.timesteps)
 
     def to(self, device: torch.device | str) -> DDIMSchedule:
-        return DDIMSchedule(
-            self.timesteps.to(device), self.alpha_prod.to(device), self.alpha_prod_prev.to(device),
-            self.eta, self.num_train_timesteps,
-        )  # fmt: skip
+        return dataclasses.replace(self, timesteps=self.timesteps.to(device), alpha_prod=self.alpha_prod.to(device),
+                                   alpha_prod_prev=self.alpha_prod_prev.to(device))  # fmt: skip
+
+    def with_eta(self, eta: float) -> DDIMSchedule:
+        """The same timesteps with another stochasticity (eta = 0: DDIM's deterministic sampler, for DRaFT)."""
+        return dataclasses.replace(self, eta=float(eta))
