@@ -130,16 +130,21 @@ def ddpo_loss(
     return loss, info
 
 
-def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config) -> dict[str, float]:
+def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config, steps: torch.Tensor | None = None,
+               prefix: str = "ddpo") -> dict[str, float]:  # fmt: skip
     """One optimizer step on a minibatch of whole trajectories, accumulating gradients over timesteps.
 
     Each network call's loss is backpropagated at once, so memory holds the graph of `timesteps_per_forward`
     timesteps, not the trajectory's. The loss is the mean over trained timesteps of `ddpo_loss` (plus kl_weight times
     the exact KL of each trained transition to the frozen base model's), however they are grouped into calls.
+    `steps` are the step indices trained on (default: every stochastic step; GRPO passes a window of them); the
+    metrics are named `<prefix>/...`. `cfg` needs clip_range, kl_weight, timestep_fraction, timesteps_per_forward and
+    max_grad_norm (GRPO's Config has them too).
     """
     policy = ctx.policy
     num_trajectories = batch.batch_size[0]
-    steps = policy.schedule.stochastic_steps.cpu()  # deterministic steps have no density and no gradient here
+    if steps is None:
+        steps = policy.schedule.stochastic_steps.cpu()  # deterministic steps have no density and no gradient here
     num_train_steps = max(1, round(cfg.timestep_fraction * len(steps)))
     # an independent random order of timesteps per trajectory; the first num_train_steps are trained on
     order = torch.stack([steps[torch.randperm(len(steps), generator=ctx.generator)] for _ in range(num_trajectories)])
@@ -166,7 +171,7 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config) -> dict[str,
         (loss * share).backward()
         totals["loss/policy"] += loss.detach() * share
         for key, value in info.items():
-            totals[f"ddpo/{key}"] += value * share
+            totals[f"{prefix}/{key}"] += value * share
     metrics = {key: value.item() for key, value in totals.items()}  # one host sync per optimizer step
     return {**metrics, **ctx.optimizer_step(cfg.max_grad_norm)}
 

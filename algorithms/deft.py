@@ -412,6 +412,9 @@ def reference_roles(cfg: Config) -> tuple[str, ...]:
 
 
 def validate(spec) -> list[str]:
+    if spec.env.kind == "flow":
+        return ["algo=deft's h-transform and its path weights are written for the DDIM transitions of a DDPM; "
+                f"env={spec.env.name} is a flow-matching model: use algo=grpo, nft, ddpo, draft or adjoint_matching"]
     if spec.env.kind == "stable_diffusion":
         return ["algo=deft trains a small h-transform beside a frozen pixel-space DDPM (conditioned on a measurement "
                 "or a reward); env=sd15 is a latent text-to-image model: use algo=ddpo, draft or adjoint_matching"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 
 from rlft.algorithms import LearnerContext, mean_over_steps
-from rlft.core.sampler import add_noise, ddim_step, transition_kl
+from rlft.core.sampler import transition_kl
 from rlft.core.spec import knob
 from rlft.envs.rewards import reward_statistics
 
@@ -58,11 +58,13 @@ class Config:
                         choices=("full", "lv"))  # fmt: skip
     lv_samples: int = knob(2, "DRaFT-LV: re-noised copies n of each sample", ge=1)
     reward_scale: float = knob(1.0, "the loss is -reward_scale * mean reward", gt=0)
-    aux_loss_weight: float = knob(0.0, "weight of the auxiliary denoising loss on real images (0 = off)", ge=0)
+    aux_loss_weight: float = knob(0.0, "weight of the auxiliary denoising loss on real images (0 = off; env=digits "
+                                  "sets its own default: rlft.envs.tasks.ALGO_DEFAULTS)", ge=0)  # fmt: skip
     aux_data: str = knob("builtin:digits", "its images: builtin:digits (train split) or a safetensors file with "
                          "\"images\"")  # fmt: skip
     kl_weight: float = knob(0.0, "beta of the KL to the frozen base model's memoryless transitions at the "
-                            "differentiable steps (0 = off)", ge=0)  # fmt: skip
+                            "differentiable steps (0 = off; env=digits sets its own default: ALGO_DEFAULTS)",
+                            ge=0)  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.variant == "lv" and self.k not in (None, 0, 1):
@@ -77,12 +79,12 @@ def deterministic_step(ctx: LearnerContext, step: int, x_t: torch.Tensor, contex
     schedule = policy.schedule
     timestep = schedule.timesteps[step].expand(x_t.shape[0])
     output = ctx.network(x_t, timestep, context)
-    out = ddim_step(schedule, step, output, x_t, noise=torch.zeros_like(x_t), eta=0.0)
+    out = schedule.step(step, output, x_t, noise=torch.zeros_like(x_t), eta=0.0)
     if kl is not None and torch.is_grad_enabled():
-        memoryless = ddim_step(schedule, step, output, x_t, noise=torch.zeros_like(x_t), eta=1.0)
+        memoryless = schedule.step(step, output, x_t, noise=torch.zeros_like(x_t), eta=1.0)
         with torch.no_grad():
-            reference = ddim_step(schedule, step, policy.reference_forward(x_t, timestep, context), x_t,
-                                  noise=torch.zeros_like(x_t), eta=1.0)  # fmt: skip
+            reference = schedule.step(step, policy.reference_forward(x_t, timestep, context), x_t,
+                                      noise=torch.zeros_like(x_t), eta=1.0)  # fmt: skip
         kl.append(transition_kl(memoryless.mean, reference.mean, memoryless.std))
     return out.prev_sample
 
@@ -105,7 +107,7 @@ def renoise(ctx: LearnerContext, x_0: torch.Tensor, noise: torch.Tensor) -> torc
     """DRaFT-LV: x^i = sqrt(a_1) sg(x_0) + sqrt(1 - a_1) eps_i at the last sampling timestep. noise: [n, B, ...]."""
     last = ctx.policy.schedule.num_steps - 1
     copies = x_0.detach().unsqueeze(0).expand_as(noise)  # [n, B, C, H, W]
-    return add_noise(ctx.policy.schedule, last, copies.flatten(0, 1), noise.flatten(0, 1))  # [n*B, C, H, W]
+    return ctx.policy.schedule.add_noise(last, copies.flatten(0, 1), noise.flatten(0, 1))  # [n*B, C, H, W]
 
 
 def draft_loss(rewards: torch.Tensor, finite: torch.Tensor, reward_scale: float) -> torch.Tensor:
@@ -116,12 +118,14 @@ def draft_loss(rewards: torch.Tensor, finite: torch.Tensor, reward_scale: float)
 
 
 def denoising_loss(ctx: LearnerContext, images: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """Epsilon-prediction loss (Ho et al. 2020, eq. 14) at random timesteps of the sampling schedule."""
+    """The pretraining loss at random timesteps of the sampling schedule: epsilon prediction (Ho et al. 2020, eq. 14)
+    for a DDPM (or its v / x_0 target), velocity prediction for a flow model."""
     schedule = ctx.policy.schedule
     step = torch.randint(schedule.num_steps, (images.shape[0],), generator=ctx.generator).to(images.device)
     noise = torch.randn(images.shape, generator=ctx.generator).to(images.device)
-    x_t = add_noise(schedule, step, images, noise)
-    return F.mse_loss(ctx.network(x_t, schedule.timesteps[step], context).float(), noise)
+    x_t = schedule.add_noise(step, images, noise)
+    target = schedule.denoising_target(step, images, noise)
+    return F.mse_loss(ctx.network(x_t, schedule.timesteps[step], context).float(), target)
 
 
 class DRaFTState:

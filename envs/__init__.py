@@ -16,7 +16,8 @@ from rlft.envs import (
 )
 from rlft.envs.tasks import ENV_PRESETS, make_preset_env, make_preset_vector_env
 
-GYMNASIUM_IDS = {"digits": "Digits", "digits_sr": "DigitsSR", "digits_inpaint": "DigitsInpaint",
+GYMNASIUM_IDS = {"digits": "Digits", "digits_flow": "DigitsFlow", "flow": "Flow", "digits_sr": "DigitsSR",
+                 "digits_inpaint": "DigitsInpaint",
                  "celebahq": "CelebAHQ", "church": "Church", "cifar10": "CIFAR10", "ddpm": "DDPM",
                  "flowers102_sr": "Flowers102SR", "sd15": "SD15"}  # fmt: skip
 assert set(GYMNASIUM_IDS) == set(ENV_PRESETS), "every env preset has a gymnasium id"

@@ -27,6 +27,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
+from rlft.core.flow import FlowSchedule
 from rlft.core.schedule import DDIMSchedule
 from rlft.envs.rewards import Reward, cut_gradient, evaluate_reward
 
@@ -49,7 +50,7 @@ class DenoisingEnv(gymnasium.vector.VectorEnv):
         self,
         num_envs: int,
         sample_shape: tuple[int, ...],
-        schedule: DDIMSchedule,
+        schedule: DDIMSchedule | FlowSchedule,
         reward: Reward,
         context_sampler: ContextSampler = no_context,
         context_shape: tuple[int, ...] = (0,),
@@ -68,10 +69,14 @@ class DenoisingEnv(gymnasium.vector.VectorEnv):
         self._reward_context = reward_context
         self.null_context = None if null_context is None else null_context.to(self.device)  # [1, *ctx]
         unbounded = dict(low=-np.inf, high=np.inf, dtype=np.float32)
+        if schedule.timesteps.is_floating_point():  # a flow model reads t * num_train_timesteps, a float
+            timestep_space = spaces.Box(low=0.0, high=float(schedule.num_train_timesteps), shape=(), dtype=np.float32)
+        else:  # a DDPM reads its integer training timestep
+            timestep_space = spaces.Discrete(schedule.num_train_timesteps)
         self.single_observation_space = spaces.Dict(
             {
                 "x_t": spaces.Box(shape=self.sample_shape, **unbounded),
-                "timestep": spaces.Discrete(schedule.num_train_timesteps),
+                "timestep": timestep_space,
                 "context": spaces.Box(shape=tuple(context_shape), **unbounded),
             }
         )
@@ -107,10 +112,16 @@ class DenoisingEnv(gymnasium.vector.VectorEnv):
         return rewards, finite
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """`options={"group_size": G}` draws num_envs / G contexts, each for G consecutive samples (GRPO's groups:
+        several samples of one prompt); by default every sample draws its own."""
         super().reset(seed=seed)
+        group_size = int((options or {}).get("group_size", 1))
+        if group_size < 1 or self.num_envs % group_size:
+            raise ValueError(f"group_size={group_size} must divide the env's batch of {self.num_envs} samples")
         generator = torch.Generator().manual_seed(int(self.np_random.integers(2**63 - 1)))
         self.x_t = torch.randn((self.num_envs, *self.sample_shape), generator=generator).to(self.device)
-        self.context = self.context_sampler(self.num_envs, generator).to(self.device)  # [B, *context_shape]
+        contexts = self.context_sampler(self.num_envs // group_size, generator)  # [B / G, *context_shape]
+        self.context = contexts.repeat_interleave(group_size, dim=0).to(self.device)  # [B, *context_shape]
         self._step_index = 0
         return self._observation(), {}
 
@@ -153,9 +164,14 @@ class SingleDenoisingEnv(gymnasium.Env):
     def _numpy(self, obs: dict[str, torch.Tensor]) -> dict:
         return {
             "x_t": obs["x_t"][0].detach().cpu().numpy().astype(np.float32),
-            "timestep": np.int64(obs["timestep"][0].item()),
+            "timestep": self._timestep(obs["timestep"][0]),
             "context": obs["context"][0].detach().cpu().numpy().astype(np.float32),
         }
+
+    def _timestep(self, timestep: torch.Tensor):
+        if isinstance(self.observation_space["timestep"], spaces.Discrete):
+            return np.int64(timestep.item())
+        return np.asarray(timestep.item(), dtype=np.float32)
 
     def decode(self, x_0: np.ndarray) -> np.ndarray:
         """The image the reward sees for one final sample x_0 (an array of the action's shape)."""

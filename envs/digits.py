@@ -20,6 +20,7 @@ SPLIT_SEED = 0  # fixed: the train / held-out split must never change once weigh
 
 ASSETS = Path(str(files("rlft") / "assets"))
 BASE_MODEL_DIR = ASSETS / "digits_ddpm"  # diffusers UNet2DModel + DDPMScheduler (save_pretrained layout)
+FLOW_MODEL_DIR = ASSETS / "digits_flow"  # UNet2DModel (velocity) + FlowMatchEulerDiscreteScheduler (env=digits_flow)
 CLASSIFIER_PATH = ASSETS / "digit_classifier.safetensors"
 
 

@@ -43,12 +43,20 @@ def unavailable(model_id: str, what: str, config_key: str, cause: BaseException 
     )
 
 
-def resolve(model_id: str) -> str:
-    """A model spec as diffusers / transformers take it: "builtin:digits" is the shipped folder."""
-    if model_id == "builtin:digits":
-        from rlft.envs.digits import BASE_MODEL_DIR
+def builtin_models() -> dict:
+    """The shipped model folders: builtin:digits (the digits DDPM) and builtin:digits_flow (its flow twin)."""
+    from rlft.envs.digits import BASE_MODEL_DIR, FLOW_MODEL_DIR
 
-        return str(BASE_MODEL_DIR)
+    return {"builtin:digits": BASE_MODEL_DIR, "builtin:digits_flow": FLOW_MODEL_DIR}
+
+
+def resolve(model_id: str) -> str:
+    """A model spec as diffusers / transformers take it: "builtin:<name>" is a shipped folder."""
+    if model_id.startswith("builtin:"):
+        builtin = builtin_models()
+        if model_id not in builtin:
+            raise ModelUnavailableError(f"unknown shipped model {model_id!r}; shipped: {', '.join(builtin)}")
+        return str(builtin[model_id])
     return model_id
 
 
@@ -106,8 +114,9 @@ def check_ddpm(model_id: str, revision: str | None = None, config_key: str = "en
     if model_id.startswith("builtin:"):
         folder = Path(resolve(model_id))
         if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"the shipped digits DDPM is missing from {folder}; train it with "
-                                    "`python -m rlft.pretrain env=digits`")  # fmt: skip
+            model = "ddpm" if model_id == "builtin:digits" else "flow"
+            raise FileNotFoundError(f"the shipped model {model_id} is missing from {folder}; train it with "
+                                    f"`python -m rlft.pretrain env=digits 'pretrain.models=[{model}]'`")  # fmt: skip
         return
     check_available(model_id, "config.json", "base DDPM", config_key, revision=revision)
     check_available(model_id, "scheduler_config.json", "base DDPM's scheduler", config_key, revision=revision)
@@ -124,9 +133,10 @@ def load_ddpm(model_id: str, config_key: str = "env.base_model", revision: str |
     return unet, dict(scheduler.config)
 
 
-def load_ddpm_configs(model_id: str, revision: str | None = None,
-                      config_key: str = "env.base_model") -> tuple[dict, dict]:  # fmt: skip
-    """The UNet and scheduler configs of a base DDPM, without its weights (shapes and noise schedule)."""
+def load_ddpm_configs(model_id: str, revision: str | None = None, config_key: str = "env.base_model",
+                      what: str = "base DDPM") -> tuple[dict, dict]:  # fmt: skip
+    """The UNet and scheduler configs of a base DDPM (or flow model), without its weights: shapes and noise schedule;
+    the scheduler's `_class_name` says which of the two it is."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     try:
@@ -134,7 +144,15 @@ def load_ddpm_configs(model_id: str, revision: str | None = None,
         return (dict(UNet2DModel.load_config(spec, revision=revision)),
                 dict(DDPMScheduler.load_config(spec, revision=revision)))  # fmt: skip
     except (OSError, ValueError) as error:
-        raise unavailable(model_id, "base DDPM", config_key, error) from error
+        raise unavailable(model_id, what, config_key, error) from error
+
+
+def load_flow_unet(model_id: str, revision: str | None = None, config_key: str = "env.base_model") -> nn.Module:
+    """The velocity network (diffusers UNet2DModel) of a pixel-space flow-matching model folder (rlft.pretrain's
+    digits_flow layout: config.json, diffusion_pytorch_model.safetensors, scheduler_config.json)."""
+    from diffusers import UNet2DModel
+
+    return from_pretrained(UNet2DModel, model_id, "base flow model", config_key, revision)
 
 
 # ---------------------------------------------------------------- Stable Diffusion (diffusers layout, by component)

@@ -2,6 +2,7 @@
 
     kind              the MDP                                         context              rewards see
     ddpm              an unconditional pixel-space DDPM (UNet2DModel)  none                 x_0
+    flow              an unconditional pixel-space flow-matching model none                 x_0
     inverse           a pixel DDPM and a measurement y = A(x) + noise  y                    x_0 (and y, A, sigma_y)
     stable_diffusion  latent text-to-image (UNet2DConditionModel)      prompt embeddings    the VAE's decoding of x_0
 
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from rlft.core.flow import FlowSchedule
 from rlft.core.schedule import DDIMSchedule
 from rlft.core.spec import knob
 from rlft.envs.denoising import DenoisingEnv, SingleDenoisingEnv
@@ -32,7 +34,7 @@ class EnvConfig:
 
     KIND: ClassVar[str] = ""
     name: str = knob("", "task name (the env=<preset> it came from)")
-    kind: str = knob("", "the env kind, fixed by the preset: ddpm, inverse or stable_diffusion")
+    kind: str = knob("", "the env kind, fixed by the preset: ddpm, flow, inverse or stable_diffusion")
     base_model: str | None = knob(None, "Hub id, or a folder saved with save_pretrained (builtin:digits: shipped)")
     revision: str | None = knob(None, "Hub revision (branch, tag or commit) that base_model is pinned to")
     num_inference_steps: int = knob(20, "DDIM steps per trajectory (the MDP horizon)", ge=1)
@@ -59,6 +61,7 @@ class EnvConfig:
         from rlft.envs.models import check_ddpm
 
         check_ddpm(self.base_model, self.revision)
+        self.schedule()  # a scheduler of the other family (a flow model under env=ddpm, ...) is refused here
 
     def image_spec(self) -> ImageSpec:
         channels, size = self.sample_shape()[:2]
@@ -102,6 +105,37 @@ class DDPMEnvConfig(EnvConfig):
     """An unconditional pixel-space DDPM: a diffusers UNet2DModel + DDPMScheduler (google/ddpm-*, rlft.pretrain)."""
 
     KIND: ClassVar[str] = "ddpm"
+
+
+@dataclass
+class FlowEnvConfig(EnvConfig):
+    """An unconditional pixel-space flow-matching model: a velocity-predicting diffusers UNet2DModel with a
+    FlowMatchEulerDiscreteScheduler (rlft.pretrain's digits_flow). The MDP steps the rectified flow's sampler
+    (rlft.core.flow): eta = 0 its ODE, eta = 1 the memoryless SDE, between them Flow-GRPO's SDE (a = eta sqrt(2))."""
+
+    KIND: ClassVar[str] = "flow"
+    num_inference_steps: int = knob(10, "sampler steps per trajectory on the scheduler's time grid (the horizon)",
+                                    ge=1)  # fmt: skip
+    eta: float = knob(1.0, "SDE noise as a fraction of the memoryless one (a = eta sqrt(2)): 1 = memoryless, "
+                      "0.5 = Flow-GRPO's a = 0.7, 0 = the deterministic ODE", ge=0, le=1)  # fmt: skip
+
+    def scheduler_config(self) -> dict:
+        from rlft.envs.models import load_ddpm_configs
+
+        return load_ddpm_configs(self.base_model, self.revision, what="base flow model")[1]
+
+    def network_config(self) -> dict:
+        from rlft.envs.models import load_ddpm_configs
+
+        return load_ddpm_configs(self.base_model, self.revision, what="base flow model")[0]
+
+    def schedule(self) -> FlowSchedule:
+        return FlowSchedule.from_scheduler_config(self.scheduler_config(), self.num_inference_steps, self.eta)
+
+    def load_network(self) -> torch.nn.Module:
+        from rlft.envs.models import load_flow_unet
+
+        return load_flow_unet(self.base_model, self.revision)
 
 
 @dataclass
@@ -223,7 +257,7 @@ class StableDiffusionEnvConfig(EnvConfig):
         return make_stable_diffusion_env(self, reward, num_envs, device, evaluation)
 
 
-ENV_KINDS: dict[str, type[EnvConfig]] = {cls.KIND: cls for cls in (DDPMEnvConfig, InverseEnvConfig,
+ENV_KINDS: dict[str, type[EnvConfig]] = {cls.KIND: cls for cls in (DDPMEnvConfig, FlowEnvConfig, InverseEnvConfig,
                                                                    StableDiffusionEnvConfig)}  # fmt: skip
 
 
@@ -232,11 +266,28 @@ def digits_inverse(name: str, operator: str, samples_per_case: int) -> InverseEn
                             samples_per_case=samples_per_case)  # fmt: skip
 
 
+# env=<preset> -> algo=<name> -> {algo key: value}: an env's own defaults for an algorithm's keys, applied when the
+# run's env and algo match, on the preset's own base model (env.base_model unchanged: the one measured), to the keys
+# the command line does not set (rlft/config.py compose_config); every other default is the algorithm's Config.
+ALGO_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    # plain DRaFT fools the digit classifier (judge: 3s at within-class diversity 0.32); with these, measured by
+    # benchmarks/reward_hacking.py (benchmarks/measured/reward_hacking-draft_full_aux0.3_kl0.03-2cores-2026-12-03
+    # .json, epoch 50): judge 0.84 3s at confidence 0.942 (base 0.955), within-class diversity 0.864. Not the
+    # Config's defaults: algo.aux_data is the digits train split, which fits no other env.
+    "digits": {"draft": {"aux_loss_weight": 0.3, "kl_weight": 0.03, "epochs": 50}},
+}
+
+
 # env=<preset>: each a config of its kind with the values that differ from the kind's defaults
 ENV_PRESETS: dict[str, EnvConfig] = {
     # the embedded default: the shipped 16x16 digits DDPM (envs/digits.py)
     "digits": DDPMEnvConfig(name="digits", base_model=BUILTIN_DIGITS, num_inference_steps=10, default_reward="digit",
                             default_judge="digit_judge"),
+    # the digits DDPM's flow-matching twin (rectified flow, velocity prediction; rlft.pretrain), the same task
+    "digits_flow": FlowEnvConfig(name="digits_flow", base_model="builtin:digits_flow", default_reward="digit",
+                                 default_judge="digit_judge"),
+    # any unconditional pixel-space flow-matching UNet2DModel folder (env.base_model=...)
+    "flow": FlowEnvConfig(name="flow"),
     # 4x super-resolution and inpainting of held-out digits (DEFT's tasks on the shipped model)
     "digits_sr": digits_inverse("digits_sr", "sr", samples_per_case=4),
     "digits_inpaint": digits_inverse("digits_inpaint", "inpaint", samples_per_case=1),

@@ -6,7 +6,8 @@ and the nearest valid key. `validate(spec)` then refuses impossible combinations
 env's images, batch sizes that do not divide, a missing model) before anything is loaded.
 
 The groups: algo (rlft.algorithms.<name>.Config), env (the presets of rlft.envs.tasks), reward (rlft.envs.rewards's
-registry). Every key's default, comment and limits live in those dataclasses (rlft.core.spec.knob).
+registry). Every key's default, comment and limits live in those dataclasses (rlft.core.spec.knob); an env may
+change an algorithm's defaults (rlft.envs.tasks.ALGO_DEFAULTS), the command line still winning.
 """
 
 from __future__ import annotations
@@ -169,6 +170,20 @@ def composition_error(error: Exception, overrides: list[tuple[str, str]], choice
 
 
 # ---- composition ----
+def algo_defaults(choices: dict[str, str], given: dict[str, str] | None = None) -> dict[str, Any]:
+    """The env's own defaults for the chosen algorithm (rlft.envs.tasks.ALGO_DEFAULTS) as {"algo.<key>": value},
+    less the keys the command line sets (`given`: key -> value), which win; none when it sets another base model
+    than the preset's, on which the defaults were measured."""
+    from rlft.envs.tasks import ALGO_DEFAULTS, ENV_PRESETS
+
+    given = given or {}
+    model = given.get("env.base_model", "").strip().strip("'\"")
+    if model and model != ENV_PRESETS[choices["env"]].base_model:
+        return {}
+    table = ALGO_DEFAULTS.get(choices["env"], {}).get(choices["algo"], {})
+    return {f"algo.{key}": value for key, value in table.items() if f"algo.{key}" not in given}
+
+
 def compose_config(overrides: list[str], config_name: str = "config") -> tuple[DictConfig, dict[str, str]]:
     """The composed DictConfig (typed by the schema, interpolations resolved) and the group choices."""
     from hydra import compose as hydra_compose
@@ -202,6 +217,8 @@ def compose_config(overrides: list[str], config_name: str = "config") -> tuple[D
             if group not in chosen:
                 choices[group] = default
                 group_overrides.append(f"{group}={default}")
+    given = dict(split_override(override) for _, override in key_overrides)
+    env_defaults = algo_defaults(choices, given) if config_name == "config" else {}
     same_digit = (choices.get("judge"), choices.get("reward")) == ("digit_judge", "digit")
     if config_name == "config" and same_digit and not any(key == "judge.target" for key, _ in key_overrides):
         key_overrides.append(("judge.target", "judge.target=${reward.target}"))  # the judge checks the same digit
@@ -212,6 +229,8 @@ def compose_config(overrides: list[str], config_name: str = "config") -> tuple[D
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         try:
             cfg = hydra_compose(config_name=config_name, overrides=group_overrides + [o for _, o in key_overrides])
+            for key, value in env_defaults.items():  # before resolving: trainer.epochs=${algo.epochs} sees them
+                OmegaConf.update(cfg, key, value, merge=False)
             OmegaConf.resolve(cfg)
         except OverrideParseException as error:
             bad = next((o for _, o in key_overrides if o in str(error)), " ".join(overrides))
@@ -398,6 +417,12 @@ def help_text(prog: str, usage: str, config_name: str = "config") -> str:
             default = DEFAULT_CHOICES[group]
             ordered = [default] + [o for o in options if o != default]
             lines.append(f"  {group}: {', '.join(ordered)}")
+        from rlft.envs.tasks import ALGO_DEFAULTS
+
+        for choice in ({"env": env, "algo": algo} for env, algos in ALGO_DEFAULTS.items() for algo in algos):
+            values = " ".join(f"{key}={format_value(value)}" for key, value in algo_defaults(choice).items())
+            lines.append(f"  env={choice['env']} with algo={choice['algo']} defaults to {values} (on the preset's "
+                         "base model; the command line wins)")  # fmt: skip
         lines += ["", "keys (key=value; a group's own keys: algo.<key>, env.<key>, reward.<key>, judge.<key>, shown by "
                   "--cfg):"]
     root = run_schema() if config_name == "config" else pretrain_schema()

@@ -1,9 +1,9 @@
-"""The policy: a diffusers network behind the sampler step of rlft.core.sampler.
+"""The policy: a diffusers network behind the sampler step of its schedule (rlft.core.sampler, rlft.core.flow).
 
-`DiffusionPolicy.step` is the network call (guided for conditional models) plus `ddim_step`, which returns
-`(prev_sample, log_prob, mean, std, x0_hat)`. `reference_forward` is the frozen base network's prediction: adapters
-switched off (LoRA), the base network under a correction (DEFT), or a frozen copy kept for the purpose (full
-fine-tuning with a KL penalty or Adjoint Matching's lean adjoints).
+`DiffusionPolicy.step` is the network call (guided for conditional models) plus its schedule's step (DDIM, or the
+flow sampler), which returns `(prev_sample, log_prob, mean, std, x0_hat)`. `reference_forward` is the frozen base
+network's prediction: adapters switched off (LoRA), the base network under a correction (DEFT), or a frozen copy
+kept for the purpose (full fine-tuning with a KL penalty or Adjoint Matching's lean adjoints).
 """
 
 from __future__ import annotations
@@ -15,20 +15,22 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from rlft.core.sampler import StepOutput, ddim_step, guide
+from rlft.core.flow import FlowSchedule
+from rlft.core.sampler import StepOutput, guide
 from rlft.core.schedule import DDIMSchedule
 
 
 class DiffusionPolicy(nn.Module):
-    """A noise-prediction network (diffusers UNet2DModel or UNet2DConditionModel) and the DDIM schedule.
+    """A diffusers network (UNet2DModel or UNet2DConditionModel) and its sampling schedule: a DDIMSchedule for a
+    noise (or v, or x_0) predicting DDPM, a FlowSchedule for a velocity-predicting flow-matching model.
 
-    `forward` is the network call only, so DDP can wrap the policy; `step` is forward + `ddim_step`. Conditional
+    `forward` is the network call only, so DDP can wrap the policy; `step` is forward + the schedule's step. Conditional
     models are guided (classifier-free guidance with `null_context`, the env's negative-prompt embedding) with
     `guidance_scale` unless a call gives its own.
     """
 
     def __init__(
-        self, unet: nn.Module, schedule: DDIMSchedule, autocast_dtype: torch.dtype | None = None,
+        self, unet: nn.Module, schedule: DDIMSchedule | FlowSchedule, autocast_dtype: torch.dtype | None = None,
         correction: nn.Module | None = None, null_context: torch.Tensor | None = None, guidance_scale: float = 1.0,
     ):  # fmt: skip
         super().__init__()
@@ -207,7 +209,7 @@ class DiffusionPolicy(nn.Module):
             output = self.reference_forward(x_t, timestep, context, guidance_scale)
         else:
             output = (network or self)(x_t, timestep, context, base_output, guidance_scale)
-        return ddim_step(s, step_index, output, x_t, noise=noise, prev_sample=prev_sample, eta=eta)
+        return s.step(step_index, output, x_t, noise=noise, prev_sample=prev_sample, eta=eta)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights an update changes (all of them, or LoRA adapters only), detached on CPU."""

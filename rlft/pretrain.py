@@ -1,4 +1,5 @@
-"""`python -m rlft.pretrain env=digits`: train the embedded default's base DDPM, digit classifier and judge.
+"""`python -m rlft.pretrain env=digits`: train the embedded default's base DDPM, its flow-matching twin
+(env=digits_flow), the digit classifier and the judge.
 
 `python -m rlft.pretrain pretrain.image_folder=DIR pretrain.out_dir=OUT` instead trains a base DDPM on your own
 images (rlft/pretrain_folder.py).
@@ -23,12 +24,13 @@ from tqdm import tqdm
 from rlft.core.spec import knob
 from rlft.envs import digits
 
-MODELS = ("ddpm", "classifier", "judge")
+MODELS = ("ddpm", "flow", "classifier", "judge")
 
 
 @dataclass
 class PretrainOptions:
-    models: list[str] = knob(list(MODELS), "which digits models to train: ddpm, classifier, judge",
+    models: list[str] = knob(list(MODELS), "which digits models to train: ddpm, flow (env=digits_flow), classifier, "
+                             "judge",
                              choices=MODELS)  # fmt: skip
     out_dir: str | None = knob(None, "where the weights go; null = the package's shipped assets (rlft/assets)")
     ddpm_steps: int = knob(1500, "optimizer steps for the DDPM", ge=1)
@@ -68,6 +70,17 @@ def train_ddpm(spec: PretrainSpec, out_dir: Path, device: torch.device) -> None:
     images, _ = digits.load_digits("train")  # [N, 1, 16, 16] in [-1, 1]
     fit_ddpm(images, digits.digits_unet_config(), spec, out_dir, device, "digits DDPM", hflip=False, checkpoint=None)
     print(f"saved the digits DDPM (EMA weights) to {out_dir}")
+
+
+def train_flow(spec: PretrainSpec, out_dir: Path, device: torch.device) -> None:
+    """The shipped digits flow-matching model (env=digits_flow): the digits DDPM's UNet architecture trained for
+    velocity prediction on the rectified-flow path, on the same training split, EMA weights saved."""
+    from rlft.pretrain_folder import fit_ddpm
+
+    images, _ = digits.load_digits("train")
+    fit_ddpm(images, digits.digits_unet_config(), spec, out_dir, device, "digits flow", hflip=False, checkpoint=None,
+             objective="flow")  # fmt: skip
+    print(f"saved the digits flow-matching model (EMA weights) to {out_dir}")
 
 
 def train_classifier(spec: PretrainSpec, out_path: Path, device: torch.device) -> None:
@@ -142,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         train_judge(spec, out_dir / JUDGE_PATH.name)
     if "ddpm" in spec.pretrain.models:
         train_ddpm(spec, out_dir / digits.BASE_MODEL_DIR.name, device)
+    if "flow" in spec.pretrain.models:
+        train_flow(spec, out_dir / digits.FLOW_MODEL_DIR.name, device)
 
 
 if __name__ == "__main__":

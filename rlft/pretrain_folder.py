@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rlft.checkpoint import due, join_tensors, split_tensors
+from rlft.core.flow import noised_sample
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -106,17 +107,24 @@ def load_checkpoint(path: Path, unet, ema, optimizer, lr_schedule, generator: to
 
 
 def fit_ddpm(images: torch.Tensor, unet_config: dict, cfg, out_dir: Path, device: torch.device,
-             desc: str, hflip: bool, checkpoint: Path | None) -> None:  # fmt: skip
-    """Train a UNet2DModel with the DDPM objective on `images` ([N, C, H, W], uint8 or floats in [-1, 1]) and
-    save its EMA weights and scheduler into `out_dir`; resumable from `checkpoint` when one is given."""
-    from diffusers import DDPMScheduler, UNet2DModel
+             desc: str, hflip: bool, checkpoint: Path | None, objective: str = "ddpm") -> None:  # fmt: skip
+    """Train a UNet2DModel on `images` ([N, C, H, W], uint8 or floats in [-1, 1]) and save its EMA weights and
+    scheduler into `out_dir`; resumable from `checkpoint` when one is given.
+
+    objective="ddpm": epsilon prediction (Ho et al. 2020, eq. 14) under a DDPMScheduler. objective="flow": velocity
+    prediction on the rectified-flow path x_t = (1 - t) x_0 + t e, target e - x_0 (Liu et al. 2023; Lipman et al.
+    2023), t uniform in (0, 1) and the network reading t * 1000, under a FlowMatchEulerDiscreteScheduler (SD3's)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
     p = cfg.pretrain
     torch.manual_seed(cfg.seed)
     unet = UNet2DModel(**unet_config).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=p.beta_schedule, clip_sample=False)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    if objective == "flow":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    else:
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=p.beta_schedule, clip_sample=False)
+        alphas_cumprod = scheduler.alphas_cumprod.to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=p.ddpm_lr, weight_decay=0.0)
     warmup = max(1, p.ddpm_steps // 20)
 
@@ -140,10 +148,15 @@ def fit_ddpm(images: torch.Tensor, unet_config: dict, cfg, out_dir: Path, device
             flip = torch.rand(len(x0), generator=generator) < 0.5
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
-        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample, noise)
+        x0, noise = x0.to(device), noise.to(device)
+        if objective == "flow":
+            t = torch.rand(len(x0), generator=generator).to(device)
+            x_t = noised_sample(x0, noise, t)
+            loss = F.mse_loss(unet(x_t, t * scheduler.config.num_train_timesteps).sample, noise - x0)
+        else:
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(device)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -165,8 +165,10 @@ class RolloutWorker:
         env = env or self.env
         if n % env.num_envs:
             raise ValueError(f"collect(n={n}) must be a multiple of the rollout batch size {env.num_envs}")
-        # batch_index: an evaluation env of fixed cases (inverse problems) moves on to the next cases per batch
-        chunks = [self._rollout(derive_seed(seed, chunk), env, {"batch_index": chunk})
+        # batch_index: an evaluation env of fixed cases (inverse problems) moves on to the next cases per batch;
+        # group_size: an algorithm whose Config has one (GRPO) trains on groups of samples sharing a context
+        options = {"group_size": getattr(self.spec.algo, "group_size", 1)} if env is self.env else {}
+        chunks = [self._rollout(derive_seed(seed, chunk), env, {"batch_index": chunk, **options})
                   for chunk in range(n // env.num_envs)]  # fmt: skip
         if postprocess:
             chunks = [self.algorithm.postprocess_rollout(self, chunk, self.spec.algo) for chunk in chunks]

@@ -29,6 +29,22 @@ def save_tiny_ddpm(path, seed: int = 0, sample_size: int = 16, channels: int = 1
     return path
 
 
+def save_tiny_flow(path, seed: int = 0, sample_size: int = 16, channels: int = 1, shift: float = 1.0):
+    """A randomly initialised velocity UNet2DModel + FlowMatchEulerDiscreteScheduler in rlft.pretrain's digits_flow
+    layout (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    save_tiny_ddpm(path, seed, sample_size, channels)
+    (path / "scheduler_config.json").unlink()
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_dir(tmp_path_factory):
+    return save_tiny_flow(tmp_path_factory.mktemp("tiny_flow"))
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test: tiny models and many small steps run faster than on two contending ones."""
@@ -67,7 +83,7 @@ def empty_hf_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, tiny_rgb_ddpm, tiny_sd) -> dict:
+def tiny_models(tmp_path_factory, tiny_rgb_ddpm, tiny_sd, tiny_flow_dir) -> dict:
     """Every model and data set the matrix needs, tiny, in the real layouts."""
     from safetensors.torch import save_file
 
@@ -88,7 +104,7 @@ def tiny_models(tmp_path_factory, tiny_rgb_ddpm, tiny_sd) -> dict:
     pickscore_model, pickscore_processor = save_tiny_pickscore(root / "pickscore")
     image_reward = save_tiny_image_reward(root / "image_reward")
     return {
-        "rgb_ddpm": tiny_rgb_ddpm, "sd": tiny_sd,
+        "rgb_ddpm": tiny_rgb_ddpm, "sd": tiny_sd, "flow": tiny_flow_dir,
         "clip": clip, "head": root / "head.safetensors",
         "clip_with_tokenizer": save_tiny_clip_with_tokenizer(root / "clip_tokenizer"),
         "age": save_tiny_age_classifier(root / "age"),

@@ -103,6 +103,32 @@ def test_each_env_names_its_own_reward_and_a_reward_that_cannot_score_an_env_is_
         check("reward=pickscore")
 
 
+def test_an_env_sets_its_own_algorithm_defaults_and_the_command_line_wins():
+    """digits + draft: the measured remedy against hacking the digit classifier (rlft.envs.tasks.ALGO_DEFAULTS);
+    any other env, algorithm or base model keeps the algorithm's Config defaults."""
+    import rlft.algorithms.draft
+
+    plain = rlft.algorithms.draft.Config()
+    assert (plain.aux_loss_weight, plain.kl_weight, plain.epochs) == (0.0, 0.0, 60)  # one source of defaults
+    for overrides in (["algo=draft"], ["algo=draft", "env=digits"]):  # env=digits is the default env
+        spec = compose(overrides)
+        validate(spec)
+        assert (spec.algo.aux_loss_weight, spec.algo.kl_weight, spec.algo.epochs, spec.trainer.epochs) == (
+            0.3, 0.03, 50, 50)  # fmt: skip
+        assert dataclasses.replace(spec.algo, aux_loss_weight=0.0, kl_weight=0.0, epochs=60) == plain
+    assert compose(["algo=draft", "algo.aux_loss_weight=0"]).algo.aux_loss_weight == 0.0
+    assert compose(["algo=draft", "algo.kl_weight=0"]).algo.kl_weight == 0.0
+    spec = compose(["algo=draft", "algo.epochs=7"])
+    assert (spec.algo.epochs, spec.trainer.epochs, spec.algo.kl_weight) == (7, 7, 0.03)  # the others still apply
+    spec = compose(["algo=draft", "trainer.epochs=3"])
+    assert (spec.trainer.epochs, spec.algo.epochs, spec.algo.aux_loss_weight) == (3, 50, 0.3)
+    assert compose(["algo=draft", "env=celebahq"]).algo == plain  # RGB 256 px: the digits aux data would not fit
+    assert compose(["algo=draft", "env.base_model=/some/other/ddpm"]).algo == plain  # measured on the shipped model
+    assert compose(["algo=ddpo"]).algo == rlft.algorithms.ddpo.Config()
+    assert "env=digits with algo=draft defaults to algo.aux_loss_weight=0.3 algo.kl_weight=0.03 algo.epochs=50" in (
+        help_text("python -m rlft.run", "[...]"))  # fmt: skip
+
+
 def test_the_named_command_stops_in_seconds_offline_with_the_model_id_and_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty_cache"), "WANDB_MODE": "disabled"}
     result = subprocess.run([sys.executable, "-m", "rlft.run", "algo=ddpo", "env=celebahq"], capture_output=True,

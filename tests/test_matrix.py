@@ -3,8 +3,10 @@ folder layouts, with relative run folders: every cell either runs (and leaves it
 run folder) or is refused before anything starts with a one-line reason. Which cells run is stated here, from what
 each reward and algorithm needs, independently of the code's own checks; the test fails when the code disagrees.
 
-Most cells run in this process (ray.enabled=false); tests/test_matrix_ray.py runs DDPO, DRaFT and Adjoint Matching
-on the tiny celebahq-layout DDPM and the tiny SD 1.5 folder through real Ray, and one cell of every env family.
+The flow-matching envs (digits_flow: the shipped model; flow: a tiny velocity UNet2DModel with SD3's scheduler class)
+have rows like the DDPM envs'; GRPO and NFT run on every env with its default reward (NFT only on flows). Most cells
+run in this process (ray.enabled=false); tests/test_matrix_ray.py runs DDPO, DRaFT and Adjoint Matching on the tiny
+celebahq-layout DDPM and the tiny SD 1.5 folder through real Ray, and one cell of every env family.
 """
 
 import json
@@ -19,7 +21,14 @@ from rlft.checkpoint import Checkpoint, committed
 from rlft.run import main
 
 ALGOS = ["ddpo", "draft", "adjoint_matching", "deft"]
-ENVS = ["digits", "digits_sr", "digits_inpaint", "celebahq", "church", "cifar10", "sd15", "flowers102_sr"]
+ENVS = ["digits", "digits_flow", "digits_sr", "digits_inpaint", "celebahq", "church", "cifar10", "sd15",
+        "flowers102_sr"]  # fmt: skip
+# GRPO and NFT (and the generic flow env) run on each env with its own default reward: their code paths are
+# DDPO's rollouts and the flow sampler, which the full rows above already cross with every reward
+GROUP_ALGOS = ["grpo", "nft"]
+DEFAULT_REWARD = {"digits": "digit", "digits_flow": "digit", "flow": "digit", "digits_sr": "measurement",
+                  "digits_inpaint": "measurement", "celebahq": "over50", "church": "aesthetic",
+                  "cifar10": "jpeg_compressibility", "sd15": "pickscore", "flowers102_sr": "measurement"}  # fmt: skip
 REWARDS = ["digit", "jpeg_compressibility", "jpeg_incompressibility", "measurement", "perceptual", "python",
            "aesthetic", "over50", "under30", "clip_score", "pickscore", "image_reward"]  # fmt: skip
 
@@ -30,7 +39,9 @@ RGB_BACKBONES = {"aesthetic", "over50", "under30"}  # CLIP / ViT backbones: RGB 
 NEEDS_PROMPTS = {"clip_score", "pickscore", "image_reward"}
 NEEDS_MEASUREMENT = {"measurement"}
 NOT_DIFFERENTIABLE = {"jpeg_compressibility", "jpeg_incompressibility"}
-ENV_IMAGES = {"digits": "gray16", "digits_sr": "gray16", "digits_inpaint": "gray16", "celebahq": "rgb16",
+FLOW_ENVS = {"digits_flow", "flow"}
+ENV_IMAGES = {"digits": "gray16", "digits_flow": "gray16", "flow": "gray16", "digits_sr": "gray16",
+              "digits_inpaint": "gray16", "celebahq": "rgb16",
               "church": "rgb16", "cifar10": "rgb16", "sd15": "rgb32", "flowers102_sr": "rgb16"}  # fmt: skip
 MEASURED = {"digits_sr", "digits_inpaint", "flowers102_sr"}
 PROMPTED = {"sd15"}
@@ -53,14 +64,20 @@ def refusals(algo: str, env: str, reward: str) -> list[str]:
     reasons = []
     if not reward_fits(env, reward):
         reasons.append(f"reward={reward} cannot score env={env}")
-    if algo != "ddpo" and reward in NOT_DIFFERENTIABLE:
+    if algo in ("draft", "adjoint_matching", "deft") and reward in NOT_DIFFERENTIABLE:
         reasons.append("is not differentiable")
     if algo == "deft" and env == "sd15":
         reasons.append("algo=deft trains a small h-transform beside a frozen pixel-space DDPM")
+    if algo == "deft" and env in FLOW_ENVS:
+        reasons.append("are written for the DDIM transitions of a DDPM")
+    if algo == "nft" and env not in FLOW_ENVS:
+        reasons.append("algo=nft regresses velocities on the rectified-flow path")
     return reasons
 
 
 CELLS = [(algo, env, reward) for algo in ALGOS for env in ENVS for reward in REWARDS]
+CELLS += [(algo, env, DEFAULT_REWARD[env]) for algo in ALGOS for env in ["flow"]]
+CELLS += [(algo, env, DEFAULT_REWARD[env]) for algo in GROUP_ALGOS for env in [*ENVS, "flow"]]
 RUNNABLE = [cell for cell in CELLS if not refusals(*cell)]
 REFUSED = [cell for cell in CELLS if refusals(*cell)]
 
@@ -69,6 +86,8 @@ TINY = ["env.num_inference_steps=2", "trainer.rollout_batch_size=2", "trainer.sa
         "trainer.checkpoint_every=1", "ray.rollout_threads=1", "ray.learner_threads=1", "logging.wandb=disabled",
         "logging.progress=false", "device=cpu", "ray.enabled=false"]  # fmt: skip
 ALGO_OVERRIDES = {"ddpo": ["algo.minibatch_size=2"], "draft": [],
+                  "grpo": ["algo.minibatch_size=2", "algo.group_size=2"],
+                  "nft": ["algo.minibatch_size=2", "algo.group_size=2"],
                   "adjoint_matching": ["algo.minibatch_size=2", "algo.passes_per_buffer=1"],
                   "deft": ["algo.minibatch_size=2", "algo.passes=1"]}  # fmt: skip
 
@@ -76,7 +95,7 @@ ALGO_OVERRIDES = {"ddpo": ["algo.minibatch_size=2"], "draft": [],
 def cell_overrides(algo: str, env: str, reward: str, models: dict[str, Path]) -> list[str]:
     env_keys = {
         "celebahq": [f"env.base_model={models['rgb_ddpm']}"], "church": [f"env.base_model={models['rgb_ddpm']}"],
-        "cifar10": [f"env.base_model={models['rgb_ddpm']}"],
+        "cifar10": [f"env.base_model={models['rgb_ddpm']}"], "flow": [f"env.base_model={models['flow']}"],
         "sd15": [f"env.base_model={models['sd']}", "env.resolution=32", "env.guidance_scale=2.0"],
         "flowers102_sr": [f"env.base_model={models['rgb_ddpm']}", f"env.data_root={models['flowers']}",
                           "env.image_size=16"],
@@ -136,10 +155,12 @@ def test_every_other_cell_is_refused_before_anything_starts_with_its_reason(algo
 
 
 def test_the_matrix_covers_every_algorithm_and_env_and_the_done_when_cells():
-    for algo in ALGOS:
-        assert sum(cell[0] == algo for cell in RUNNABLE) >= 5, algo
-    for env in ENVS:
+    for algo in ALGOS + GROUP_ALGOS:
+        assert sum(cell[0] == algo for cell in RUNNABLE) >= 2, algo
+    for env in [*ENVS, "flow"]:
         assert any(cell[1] == env for cell in RUNNABLE), env
+    for algo in ("ddpo", "draft", "adjoint_matching", "grpo", "nft"):  # every flow-capable algorithm on the flow
+        assert (algo, "digits_flow", "digit") in RUNNABLE
     for algo in ("ddpo", "draft", "adjoint_matching"):
         assert (algo, "sd15", "image_reward") in RUNNABLE and (algo, "celebahq", "over50") in RUNNABLE
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # every model here is a local folder: nothing downloads

@@ -15,6 +15,7 @@ RAY_CELLS = [
     ("ddpo", "celebahq", "over50"), ("draft", "celebahq", "over50"), ("adjoint_matching", "celebahq", "over50"),
     ("ddpo", "sd15", "image_reward"), ("draft", "sd15", "pickscore"), ("adjoint_matching", "sd15", "clip_score"),
     ("ddpo", "digits", "digit"), ("deft", "digits_sr", "measurement"), ("ddpo", "flowers102_sr", "measurement"),
+    ("nft", "digits_flow", "digit"),
 ]  # fmt: skip
 
 

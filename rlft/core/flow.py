@@ -229,6 +229,56 @@ class FlowSchedule:
         sigmas = torch.cat([grid, torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
         return cls(sigmas, kind, float(noise_level), integrator, int(num_train_timesteps))
 
+    @classmethod
+    def from_scheduler_config(cls, scheduler_config: dict, num_inference_steps: int, eta: float) -> FlowSchedule:
+        """The sampling grid of a flow model's FlowMatchEulerDiscreteScheduler config (its static `shift`) with the
+        noise of `eta` in [0, 1], the DDIM env's knob: 0 the ODE, 1 the memoryless SDE (a = sqrt(2), Adjoint
+        Matching's, as eta = 1 is DDIM's memoryless choice), between them Flow-GRPO's SDE with a = eta sqrt(2)
+        (Flow-GRPO's a = 0.7 is eta = 0.5)."""
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1] (0 = the flow's ODE, 1 = memoryless), got {eta}")
+        name = scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+        if name != "FlowMatchEulerDiscreteScheduler":
+            raise ValueError(f"the model's scheduler is {name}; a flow-matching env needs a "
+                             "FlowMatchEulerDiscreteScheduler (velocity prediction on x_t = (1 - t) x_0 + t e)")
+        unsupported = [key for key in ("use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas",
+                                       "use_beta_sigmas", "invert_sigmas") if scheduler_config.get(key)]  # fmt: skip
+        if unsupported:
+            raise ValueError(f"the model's scheduler config sets {', '.join(unsupported)}, which rlft's flow sampler "
+                             "does not implement (it samples on the static-shift grid); set them to false in its "
+                             "scheduler_config.json")  # fmt: skip
+        kind, noise_level = FlowSchedule.kind_of_eta(eta)
+        return cls.from_num_steps(num_inference_steps, float(scheduler_config.get("shift", 1.0)), kind, noise_level,
+                                  num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)))
+
+    @staticmethod
+    def kind_of_eta(eta: float) -> tuple[str, float]:
+        """(kind, noise_level) of the stochasticity eta in [0, 1]: see `from_scheduler_config`."""
+        if eta == 0:
+            return "ode", 0.0
+        if eta == 1:
+            return "memoryless", 0.0
+        return "sde", float(eta) * MEMORYLESS_NOISE_SCALE
+
+    @property
+    def eta(self) -> float:
+        """The noise scale as a fraction of the memoryless one: a / sqrt(2) (the env's `eta`)."""
+        return self.noise_scale / MEMORYLESS_NOISE_SCALE
+
+    def with_eta(self, eta: float) -> FlowSchedule:
+        """The same grid with the noise of `eta` (0: the ODE, DRaFT's deterministic sampler; 1: memoryless)."""
+        kind, noise_level = FlowSchedule.kind_of_eta(eta)
+        return dataclasses.replace(self, kind=kind, noise_level=noise_level)
+
+    def add_noise(self, step_index: int | torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The forward process at step k's time: x_t = (1 - t_k) x_0 + t_k e (`noised_sample`)."""
+        return noised_sample(x0, noise, self.sigmas.to(x0.device)[step_index])
+
+    def denoising_target(self, step_index: int | torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The velocity target e - x_0 of add_noise(k, x0, noise) (the same at every t)."""
+        dtype = _compute_dtype(x0, noise)
+        return noise.to(dtype) - x0.to(dtype)
+
     @property
     def num_steps(self) -> int:
         return len(self.sigmas) - 1
@@ -257,10 +307,12 @@ class FlowSchedule:
         return dataclasses.replace(self, sigmas=self.sigmas.to(device))
 
     def step(self, step_index: int | torch.Tensor, velocity: torch.Tensor, sample: torch.Tensor, *,
-             noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None) -> FlowStepOutput:  # fmt: skip
+             noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None,
+             eta: float | None = None) -> FlowStepOutput:  # fmt: skip
         """Step k (an int, or [B] per sample) from sigmas[k] to sigmas[k + 1]: `flow_step` with this schedule's
-        noise scale and integrator."""
+        noise scale (or that of `eta`, as `with_eta`) and integrator."""
+        schedule = self if eta is None else self.with_eta(eta)
         sigmas = self.sigmas.to(sample.device)
         index = torch.as_tensor(step_index, device=sample.device)
-        return flow_step(velocity, sample, sigmas[index], sigmas[index + 1], self.noise_scale, noise=noise,
+        return flow_step(velocity, sample, sigmas[index], sigmas[index + 1], schedule.noise_scale, noise=noise,
                          prev_sample=prev_sample, integrator=self.integrator)  # fmt: skip

@@ -1,4 +1,14 @@
-"""The DDIM sampling schedule: which timesteps the MDP visits, their alpha-bars, and how to read the network."""
+"""The DDIM sampling schedule: which timesteps the MDP visits, their alpha-bars, and how to read the network.
+
+Every sampling schedule (this one, and `rlft.core.flow.FlowSchedule` for flow-matching models) offers the same
+members, so envs, policies and algorithms never ask which kind of model they drive:
+    timesteps, num_steps, num_train_timesteps, eta   the grid, the network's timestep input, the stochasticity
+    std, stochastic_steps                            [T] transition stds; the steps that have a density
+    step(k, output, x_t, noise= | prev_sample=)      one sampler step with its Gaussian log-probability
+    add_noise(k, x0, noise)                          the forward process at step k's time
+    denoising_target(k, x0, noise)                   what the network should output at that noised sample
+    with_eta(eta)                                    the same grid with another stochasticity (0: deterministic)
+"""
 
 from __future__ import annotations
 
@@ -32,6 +42,9 @@ class DDIMSchedule:
         scheduler config, whose options the step honours (prediction_type, clip_sample) or refuses (thresholding)."""
         from diffusers import DDIMScheduler
 
+        if "FlowMatch" in scheduler_config.get("_class_name", ""):
+            raise ValueError(f"the model's scheduler is {scheduler_config['_class_name']}: it is a flow-matching "
+                             "model, not a DDPM; use a flow env (env=digits_flow, or env=flow env.base_model=...)")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if not 0.0 <= eta <= 1.0:
@@ -71,6 +84,29 @@ class DDIMSchedule:
     def to(self, device: torch.device | str) -> DDIMSchedule:
         return dataclasses.replace(self, timesteps=self.timesteps.to(device), alpha_prod=self.alpha_prod.to(device),
                                    alpha_prod_prev=self.alpha_prod_prev.to(device))  # fmt: skip
+
+    def step(self, step_index: int | torch.Tensor, model_output: torch.Tensor, sample: torch.Tensor, *,
+             noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None,
+             eta: float | None = None):  # fmt: skip
+        """`rlft.core.sampler.ddim_step` on this schedule."""
+        from rlft.core.sampler import ddim_step
+
+        return ddim_step(self, step_index, model_output, sample, noise=noise, prev_sample=prev_sample, eta=eta)
+
+    def add_noise(self, step_index: int | torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """`rlft.core.sampler.add_noise`: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) e at step k's timestep."""
+        from rlft.core.sampler import add_noise
+
+        return add_noise(self, step_index, x0, noise)
+
+    def denoising_target(self, step_index: int | torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The network's regression target at add_noise(k, x0, noise) for its prediction_type: e, v or x_0."""
+        if self.prediction_type == "epsilon":
+            return noise.float()
+        if self.prediction_type == "sample":
+            return x0.float()
+        a_t = self.alpha_prod.to(x0.device)[step_index].float().reshape(-1, *([1] * (x0.dim() - 1)))
+        return a_t.sqrt() * noise.float() - (1 - a_t).sqrt() * x0.float()  # v = sqrt(a) e - sqrt(1 - a) x_0
 
     def with_eta(self, eta: float) -> DDIMSchedule:
         """The same timesteps with another stochasticity (eta = 0: DDIM's deterministic sampler, for DRaFT)."""
