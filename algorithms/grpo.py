@@ -114,12 +114,17 @@ def reference_roles(cfg: Config) -> tuple[str, ...]:
     return ("learner",) if cfg.kl_weight > 0 else ()
 
 
-def validate(spec) -> list[str]:
+def group_size_problems(spec) -> list[str]:
+    """Each env batch must hold whole groups (GRPO and NFT)."""
     batch, group = spec.trainer.rollout_batch_size, spec.algo.group_size
     if batch % group:
         return [f"algo.group_size={group} must divide trainer.rollout_batch_size={batch}: each env batch holds whole "
                 f"groups; try algo.group_size={max(d for d in range(1, group + 1) if batch % d == 0)}"]
     return []
+
+
+def validate(spec) -> list[str]:
+    return group_size_problems(spec)
 
 
 def make_state(cfg: Config) -> GRPOState:

@@ -34,7 +34,7 @@ from tensordict import TensorDict
 
 from rlft.algorithms import LearnerContext, mean_over_steps
 from rlft.algorithms.ddpo import context_keys
-from rlft.algorithms.grpo import group_advantages
+from rlft.algorithms.grpo import group_advantages, group_size_problems
 from rlft.core.spec import knob
 
 REQUIRES_STOCHASTIC_SAMPLER = False  # the loss never sees the sampler: any solver, even the ODE, will do
@@ -96,7 +96,7 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: 
 
 
 def noised_batches(ctx: LearnerContext, x0: torch.Tensor, cfg: Config) -> list[tuple[torch.Tensor, ...]]:
-    """`noise_draws` fresh (step index, x_t, target) triples per sample: t drawn uniformly from the sampling grid's
+    """`noise_draws` fresh (step index, x_t) pairs per sample: t drawn uniformly from the sampling grid's
     noisy times (never t = 0, where the loss is zero), x_t the forward process there."""
     schedule = ctx.policy.schedule
     draws = []
@@ -136,11 +136,7 @@ def validate(spec) -> list[str]:
     if spec.env.kind != "flow":
         problems.append(f"algo=nft regresses velocities on the rectified-flow path, and env={spec.env.name} is a "
                         f"{spec.env.kind} model: use a flow env (env=digits_flow), or algo=grpo / ddpo on this one")
-    batch, group = spec.trainer.rollout_batch_size, spec.algo.group_size
-    if batch % group:
-        problems.append(f"algo.group_size={group} must divide trainer.rollout_batch_size={batch}: each env batch "
-                        "holds whole groups")  # fmt: skip
-    return problems
+    return problems + group_size_problems(spec)
 
 
 def make_state(cfg: Config) -> dict:
