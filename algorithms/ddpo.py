@@ -48,6 +48,11 @@ class Config:
                                ge=1)  # fmt: skip
     timestep_fraction: float = knob(1.0, "fraction of each trajectory's timesteps trained on (random per sample)",
                                     gt=0, le=1)  # fmt: skip
+    # a step's score grad log p is (x - mean) / std^2 times d mean: on a near-deterministic step it dwarfs every
+    # other step's and, after one update, its ratio leaves the clip range. Flow grids end with a step into
+    # t = 0.001 (std 0.001), DDIM's digits grid with one of std 0.006 (trained on: DDPO's published choice)
+    min_step_std: float = knob(0.0, "train only on steps whose transition std is at least this (0 = every "
+                               "stochastic step)", ge=0)  # fmt: skip
     # timesteps of each trajectory stacked into one network call (B * k samples): the same gradient from fewer,
     # larger calls, which a GPU runs nearer its peak; activation memory grows k-fold
     timesteps_per_forward: int = knob(1, "timesteps per trajectory stacked into one network call", ge=1)
@@ -130,6 +135,17 @@ def ddpo_loss(
     return loss, info
 
 
+def trained_steps(schedule, min_step_std: float) -> torch.Tensor:
+    """[S] the step indices the ratio trains on: the stochastic ones (a deterministic step has no density) whose
+    transition std is at least `min_step_std`."""
+    steps = schedule.stochastic_steps.cpu()
+    steps = steps[schedule.std.cpu()[steps] >= min_step_std]
+    if len(steps) == 0:
+        raise ValueError(f"no sampler step has a transition std >= algo.min_step_std={min_step_std:g} (the largest is "
+                         f"{schedule.std.max().item():.3g}); lower algo.min_step_std or raise env.eta")
+    return steps
+
+
 def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config, steps: torch.Tensor | None = None,
                prefix: str = "ddpo") -> dict[str, float]:  # fmt: skip
     """One optimizer step on a minibatch of whole trajectories, accumulating gradients over timesteps.
@@ -137,14 +153,14 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config, steps: torch
     Each network call's loss is backpropagated at once, so memory holds the graph of `timesteps_per_forward`
     timesteps, not the trajectory's. The loss is the mean over trained timesteps of `ddpo_loss` (plus kl_weight times
     the exact KL of each trained transition to the frozen base model's), however they are grouped into calls.
-    `steps` are the step indices trained on (default: every stochastic step; GRPO passes a window of them); the
-    metrics are named `<prefix>/...`. `cfg` needs clip_range, kl_weight, timestep_fraction, timesteps_per_forward and
-    max_grad_norm (GRPO's Config has them too).
+    `steps` are the step indices trained on (default: `trained_steps`; GRPO passes a window of them); the metrics
+    are named `<prefix>/...`. `cfg` needs clip_range, kl_weight, timestep_fraction, timesteps_per_forward,
+    min_step_std and max_grad_norm (GRPO's Config has them too).
     """
     policy = ctx.policy
     num_trajectories = batch.batch_size[0]
     if steps is None:
-        steps = policy.schedule.stochastic_steps.cpu()  # deterministic steps have no density and no gradient here
+        steps = trained_steps(policy.schedule, cfg.min_step_std)
     num_train_steps = max(1, round(cfg.timestep_fraction * len(steps)))
     # an independent random order of timesteps per trajectory; the first num_train_steps are trained on
     order = torch.stack([steps[torch.randperm(len(steps), generator=ctx.generator)] for _ in range(num_trajectories)])
@@ -186,6 +202,15 @@ def reference_roles(cfg: Config) -> tuple[str, ...]:
 
 
 def validate(spec) -> list[str]:
+    return step_problems(spec)
+
+
+def step_problems(spec) -> list[str]:
+    """The env's sampler has a step to train on at algo.min_step_std (DDPO and GRPO)."""
+    try:
+        trained_steps(spec.env.schedule(), spec.algo.min_step_std)
+    except ValueError as error:
+        return [str(error)]
     return []
 
 

@@ -412,12 +412,13 @@ def reference_roles(cfg: Config) -> tuple[str, ...]:
 
 
 def validate(spec) -> list[str]:
-    if spec.env.kind == "flow":
+    if spec.env.FLOW:
         return ["algo=deft's h-transform and its path weights are written for the DDIM transitions of a DDPM; "
                 f"env={spec.env.name} is a flow-matching model: use algo=grpo, nft, ddpo, draft or adjoint_matching"]
-    if spec.env.kind == "stable_diffusion":
+    if spec.env.LATENT:
         return ["algo=deft trains a small h-transform beside a frozen pixel-space DDPM (conditioned on a measurement "
-                "or a reward); env=sd15 is a latent text-to-image model: use algo=ddpo, draft or adjoint_matching"]
+                f"or a reward); env={spec.env.name} is a latent text-to-image model: use algo=ddpo, draft or "
+                "adjoint_matching"]
     if spec.algo.variant == "supervised" and spec.env.kind != "inverse":
         return [f"algo.variant=supervised trains on (x, y) pairs of an inverse-problem env, and env={spec.env.name} "
                 "has none: use env=digits_sr or env=digits_inpaint, or algo.variant=log_variance"]

@@ -201,9 +201,9 @@ def reference_roles(cfg: Config) -> tuple[str, ...]:
 
 def validate(spec) -> list[str]:
     problems = []
-    if spec.algo.aux_loss_weight > 0 and spec.env.kind == "stable_diffusion":
-        problems.append("algo.aux_loss_weight > 0 trains on pixel images, and env=sd15 samples latents: the auxiliary "
-                        "denoising loss is for pixel-space envs; set algo.aux_loss_weight=0")  # fmt: skip
+    if spec.algo.aux_loss_weight > 0 and spec.env.LATENT:
+        problems.append(f"algo.aux_loss_weight > 0 trains on pixel images, and env={spec.env.name} samples latents: "
+                        "the auxiliary denoising loss is for pixel-space envs; set algo.aux_loss_weight=0")  # fmt: skip
     return problems
 
 

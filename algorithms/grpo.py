@@ -63,6 +63,10 @@ class Config:
     minibatch_size: int = knob(32, "trajectories per optimizer step on each learner", ge=1)
     timestep_fraction: float = knob(1.0, "fraction of the (window's) steps trained on, random per trajectory",
                                     gt=0, le=1)  # fmt: skip
+    # 0.01: on digits_flow the last stochastic step (into t = 0.001, std 0.001) otherwise swamps the gradient and
+    # nothing is learned in 60 epochs (benchmarks/README.md, flow models); with it, 80% judged 3s by epoch ~25
+    min_step_std: float = knob(0.01, "train only on steps whose transition std is at least this (0 = every "
+                               "stochastic step)", ge=0)  # fmt: skip
     window_size: int = knob(0, "MixGRPO: consecutive stochastic steps trained per epoch (0 = all of them)", ge=0)
     window_stride: int = knob(1, "steps the window moves per epoch, from the noisy end toward the clean one", ge=1)
     timesteps_per_forward: int = knob(1, "timesteps per trajectory stacked into one network call", ge=1)
@@ -95,14 +99,14 @@ class GRPOState:
         self.epoch = int(state["epoch"])
 
 
-def window_steps(stochastic_steps: torch.Tensor, epoch: int, cfg: Config) -> torch.Tensor:
-    """The step indices trained this epoch: all stochastic steps, or MixGRPO's window of `window_size` of them,
+def window_steps(steps: torch.Tensor, epoch: int, cfg: Config) -> torch.Tensor:
+    """The step indices trained this epoch: all trainable `steps`, or MixGRPO's window of `window_size` of them,
     starting `window_stride * epoch` steps in (wrapping round to the noisy end)."""
-    count = len(stochastic_steps)
+    count = len(steps)
     if cfg.window_size == 0 or cfg.window_size >= count:
-        return stochastic_steps
+        return steps
     start = (cfg.window_stride * epoch) % (count - cfg.window_size + 1)
-    return stochastic_steps[start : start + cfg.window_size]
+    return steps[start : start + cfg.window_size]
 
 
 # ---- the learner-side interface (see rlft.algorithms.Algorithm) ----
@@ -124,7 +128,7 @@ def group_size_problems(spec) -> list[str]:
 
 
 def validate(spec) -> list[str]:
-    return group_size_problems(spec)
+    return group_size_problems(spec) + ddpo.step_problems(spec)
 
 
 def make_state(cfg: Config) -> GRPOState:
@@ -152,7 +156,7 @@ def prepare(batch: TensorDict, cfg: Config, state: GRPOState) -> tuple[TensorDic
 def update(ctx: LearnerContext, cfg: Config, state: GRPOState) -> dict[str, float]:
     """`inner_epochs` reshuffled passes over the epoch's groups, one optimizer step per minibatch, on this epoch's
     window of steps."""
-    steps = window_steps(ctx.policy.schedule.stochastic_steps.cpu(), state.epoch, cfg)
+    steps = window_steps(ddpo.trained_steps(ctx.policy.schedule, cfg.min_step_std), state.epoch, cfg)
     step_metrics = [ddpo.train_step(ctx, minibatch, cfg, steps=steps, prefix="grpo")
                     for _ in range(cfg.inner_epochs) for minibatch in ctx.minibatches()]  # fmt: skip
     state.epoch += 1

@@ -133,7 +133,7 @@ def reference_roles(cfg: Config) -> tuple[str, ...]:
 
 def validate(spec) -> list[str]:
     problems = []
-    if spec.env.kind != "flow":
+    if not spec.env.FLOW:
         problems.append(f"algo=nft regresses velocities on the rectified-flow path, and env={spec.env.name} is a "
                         f"{spec.env.kind} model: use a flow env (env=digits_flow), or algo=grpo / ddpo on this one")
     return problems + group_size_problems(spec)

@@ -19,7 +19,7 @@ from rlft.envs.tasks import ENV_PRESETS, make_preset_env, make_preset_vector_env
 GYMNASIUM_IDS = {"digits": "Digits", "digits_flow": "DigitsFlow", "flow": "Flow", "digits_sr": "DigitsSR",
                  "digits_inpaint": "DigitsInpaint",
                  "celebahq": "CelebAHQ", "church": "Church", "cifar10": "CIFAR10", "ddpm": "DDPM",
-                 "flowers102_sr": "Flowers102SR", "sd15": "SD15"}  # fmt: skip
+                 "flowers102_sr": "Flowers102SR", "sd15": "SD15", "sd35_medium": "SD35Medium"}  # fmt: skip
 assert set(GYMNASIUM_IDS) == set(ENV_PRESETS), "every env preset has a gymnasium id"
 
 for _preset, _name in GYMNASIUM_IDS.items():

@@ -163,6 +163,10 @@ SD_COMPONENTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "c
 
 def check_stable_diffusion(model_id: str, revision: str | None = None, config_key: str = "env.base_model") -> None:
     """Every component's config file (and, for a local folder, the UNet's, VAE's and text encoder's weights)."""
+    local = Path(model_id).expanduser()
+    if (local / "transformer").is_dir() and not (local / "unet").is_dir():
+        raise unavailable(model_id, "Stable Diffusion unet", config_key, "the folder holds transformer/ and no unet/, "
+                          "a Stable Diffusion 3 layout: use env=sd35_medium env.base_model=... for it")  # fmt: skip
     for subfolder, filename in SD_COMPONENTS.items():
         what = f"Stable Diffusion {subfolder}"
         check_available(model_id, filename, what, config_key, subfolder=subfolder, revision=revision)
@@ -171,16 +175,46 @@ def check_stable_diffusion(model_id: str, revision: str | None = None, config_ke
             check_weights(local, what, config_key, model_id)
 
 
-def load_sd_config(model_id: str, subfolder: str, revision: str | None = None,
-                   config_key: str = "env.base_model") -> dict:  # fmt: skip
-    """A component's config (vae/config.json, scheduler/scheduler_config.json, ...) without its weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+# SD3 / 3.5: text_encoder_3/ and tokenizer_3/ (T5) are optional, as in diffusers' pipeline
+SD3_COMPONENTS = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                  "text_encoder_2": "config.json", "tokenizer": "tokenizer_config.json",
+                  "tokenizer_2": "tokenizer_config.json", "scheduler": "scheduler_config.json"}  # fmt: skip
 
-    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "scheduler": DDIMScheduler}[subfolder]
+
+def check_sd3(model_id: str, revision: str | None = None, config_key: str = "env.base_model") -> None:
+    """Every required component's config file (and, for a local folder, the weights of the networks)."""
+    for subfolder, filename in SD3_COMPONENTS.items():
+        what = f"Stable Diffusion 3 {subfolder}"
+        check_available(model_id, filename, what, config_key, subfolder=subfolder, revision=revision)
+        local = Path(model_id).expanduser() / subfolder
+        if local.is_dir() and subfolder in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+            check_weights(local, what, config_key, model_id)
+    local = Path(model_id).expanduser()
+    if local.is_dir() and (local / "text_encoder_3").is_dir() != (local / "tokenizer_3").is_dir():
+        raise unavailable(model_id, "Stable Diffusion 3 T5 text encoder", config_key,
+                          "text_encoder_3/ and tokenizer_3/ come together: give both, or neither (no T5)")
+
+
+def sd3_has_t5(model_id: str, revision: str | None = None) -> bool:
+    """Whether an SD3 model comes with its T5 text encoder (text_encoder_3/)."""
+    try:
+        check_available(model_id, "config.json", "T5", "env.base_model", subfolder="text_encoder_3", revision=revision)
+    except ModelUnavailableError:
+        return False
+    return True
+
+
+def load_sd_config(model_id: str, subfolder: str, revision: str | None = None, config_key: str = "env.base_model",
+                   what: str = "Stable Diffusion") -> dict:  # fmt: skip
+    """A component's config (vae/config.json, scheduler/scheduler_config.json, ...) without its weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, SD3Transformer2DModel, UNet2DConditionModel
+
+    cls = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
+           "scheduler": DDIMScheduler}[subfolder]  # fmt: skip  (any scheduler class reads scheduler_config.json)
     try:
         return dict(cls.load_config(model_id, subfolder=subfolder, revision=revision))
     except (OSError, ValueError) as error:
-        raise unavailable(model_id, f"Stable Diffusion {subfolder}", config_key, error) from error
+        raise unavailable(model_id, f"{what} {subfolder}", config_key, error) from error
 
 
 def load_sd_part(cls, model_id: str, subfolder: str, revision: str | None = None,
@@ -193,6 +227,12 @@ def load_sd_unet(model_id: str, revision: str | None = None) -> nn.Module:
     from diffusers import UNet2DConditionModel
 
     return load_sd_part(UNet2DConditionModel, model_id, "unet", revision)
+
+
+def load_sd3_transformer(model_id: str, revision: str | None = None) -> nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    return load_sd_part(SD3Transformer2DModel, model_id, "transformer", revision)
 
 
 # ---------------------------------------------------------------- image preprocessing for transformers backbones

@@ -5,6 +5,7 @@
     flow              an unconditional pixel-space flow-matching model none                 x_0
     inverse           a pixel DDPM and a measurement y = A(x) + noise  y                    x_0 (and y, A, sigma_y)
     stable_diffusion  latent text-to-image (UNet2DConditionModel)      prompt embeddings    the VAE's decoding of x_0
+    sd3               latent text-to-image flow (SD3Transformer2DModel) prompt embeddings    the VAE's decoding of x_0
 
 A config knows where its base model lives: `image_spec` reads the model's configs (never its weights) to tell what
 the reward will see, `check` finds missing models before Ray starts, `make_env` builds the batched env and
@@ -33,8 +34,10 @@ class EnvConfig:
     """The keys every env has."""
 
     KIND: ClassVar[str] = ""
+    FLOW: ClassVar[bool] = False  # a velocity model on the rectified-flow path (its schedule is a FlowSchedule)
+    LATENT: ClassVar[bool] = False  # the MDP runs in a VAE's latent space (rewards see the decoding)
     name: str = knob("", "task name (the env=<preset> it came from)")
-    kind: str = knob("", "the env kind, fixed by the preset: ddpm, flow, inverse or stable_diffusion")
+    kind: str = knob("", "the env kind, fixed by the preset: ddpm, flow, inverse, stable_diffusion or sd3")
     base_model: str | None = knob(None, "Hub id, or a folder saved with save_pretrained (builtin:digits: shipped)")
     revision: str | None = knob(None, "Hub revision (branch, tag or commit) that base_model is pinned to")
     num_inference_steps: int = knob(20, "DDIM steps per trajectory (the MDP horizon)", ge=1)
@@ -114,6 +117,7 @@ class FlowEnvConfig(EnvConfig):
     (rlft.core.flow): eta = 0 its ODE, eta = 1 the memoryless SDE, between them Flow-GRPO's SDE (a = eta sqrt(2))."""
 
     KIND: ClassVar[str] = "flow"
+    FLOW: ClassVar[bool] = True
     num_inference_steps: int = knob(10, "sampler steps per trajectory on the scheduler's time grid (the horizon)",
                                     ge=1)  # fmt: skip
     eta: float = knob(1.0, "SDE noise as a fraction of the memoryless one (a = eta sqrt(2)): 1 = memoryless, "
@@ -205,6 +209,7 @@ class StableDiffusionEnvConfig(EnvConfig):
     before the reward. Loads unet/, vae/, text_encoder/, tokenizer/ and scheduler/ only."""
 
     KIND: ClassVar[str] = "stable_diffusion"
+    LATENT: ClassVar[bool] = True
     resolution: int = knob(512, "image side in pixels; the latents are resolution / 8", ge=8)
     guidance_scale: float = knob(5.0, "classifier-free guidance weight w of sampling (DDPO uses 5); 1 = the "
                                  "conditional model only", ge=0)  # fmt: skip
@@ -257,8 +262,57 @@ class StableDiffusionEnvConfig(EnvConfig):
         return make_stable_diffusion_env(self, reward, num_envs, device, evaluation)
 
 
+@dataclass
+class StableDiffusion3EnvConfig(StableDiffusionEnvConfig):
+    """Stable Diffusion 3 / 3.5 (a latent rectified flow; an MMDiT velocity network): prompts as context through its
+    three text encoders (two CLIPs and T5; text_encoder_3/ may be left out, then the T5 tokens are zeros), classifier-
+    free guidance, the VAE (16 channels, scaled and shifted) decoding x_0 before the reward. The MDP steps the flow
+    sampler (rlft.core.flow) on the scheduler's shifted grid. Loads transformer/, vae/, text_encoder*/, tokenizer*/
+    and scheduler/ only."""
+
+    KIND: ClassVar[str] = "sd3"
+    FLOW: ClassVar[bool] = True
+    num_inference_steps: int = knob(10, "sampler steps per trajectory on the scheduler's shifted grid (Flow-GRPO "
+                                    "trains on 10)", ge=1)  # fmt: skip
+    eta: float = knob(1.0, "SDE noise as a fraction of the memoryless one (a = eta sqrt(2)): 1 = memoryless (Adjoint "
+                      "Matching's), 0.5 = Flow-GRPO's a = 0.7, 0 = the deterministic ODE", ge=0, le=1)  # fmt: skip
+    guidance_scale: float = knob(4.5, "classifier-free guidance weight w of sampling (SD 3.5's and Flow-GRPO's 4.5); "
+                                 "1 = the conditional model only", ge=0)  # fmt: skip
+    max_sequence_length: int = knob(256, "T5 tokens per prompt (SD3's pipelines use 256)", ge=1)
+
+    def check(self) -> None:
+        from rlft.envs.models import check_sd3
+
+        check_sd3(self.base_model, self.revision)
+
+    def scheduler_config(self) -> dict:
+        from rlft.envs.models import load_sd_config
+
+        return load_sd_config(self.base_model, "scheduler", self.revision, what="Stable Diffusion 3")
+
+    def network_config(self) -> dict:
+        from rlft.envs.models import load_sd_config
+
+        return load_sd_config(self.base_model, "transformer", self.revision, what="Stable Diffusion 3")
+
+    def schedule(self) -> FlowSchedule:
+        return FlowSchedule.from_scheduler_config(self.scheduler_config(), self.num_inference_steps, self.eta)
+
+    def load_network(self) -> torch.nn.Module:
+        from rlft.envs.models import load_sd3_transformer
+
+        return load_sd3_transformer(self.base_model, self.revision)
+
+    def make_env(self, reward: Reward, num_envs: int, device: str | torch.device = "cpu",
+                 evaluation: bool = False) -> DenoisingEnv:  # fmt: skip
+        from rlft.envs.stable_diffusion import make_sd3_env
+
+        return make_sd3_env(self, reward, num_envs, device, evaluation)
+
+
 ENV_KINDS: dict[str, type[EnvConfig]] = {cls.KIND: cls for cls in (DDPMEnvConfig, FlowEnvConfig, InverseEnvConfig,
-                                                                   StableDiffusionEnvConfig)}  # fmt: skip
+                                                                   StableDiffusionEnvConfig,
+                                                                   StableDiffusion3EnvConfig)}  # fmt: skip
 
 
 def digits_inverse(name: str, operator: str, samples_per_case: int) -> InverseEnvConfig:
@@ -275,6 +329,9 @@ ALGO_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # .json, epoch 50): judge 0.84 3s at confidence 0.942 (base 0.955), within-class diversity 0.864. Not the
     # Config's defaults: algo.aux_data is the digits train split, which fits no other env.
     "digits": {"draft": {"aux_loss_weight": 0.3, "kl_weight": 0.03, "epochs": 50}},
+    # the flow grid's last stochastic step (into t = 0.001, std 0.001) swamps DDPO's gradient as it does GRPO's
+    # (algorithms/grpo.py: min_step_std); DDPO's own default keeps every step, as published for DDPMs
+    "digits_flow": {"ddpo": {"min_step_std": 0.01}},
 }
 
 
@@ -305,6 +362,10 @@ ENV_PRESETS: dict[str, EnvConfig] = {
     # and judged by one of another family (ImageReward, a BLIP)
     "sd15": StableDiffusionEnvConfig(name="sd15", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                                      num_inference_steps=50, default_reward="pickscore", default_judge="image_reward"),
+    # Stable Diffusion 3.5 Medium (a flow-matching MMDiT) at Flow-GRPO's 512 px, 10 steps and w = 4.5, with the same
+    # reward and judge as sd15
+    "sd35_medium": StableDiffusion3EnvConfig(name="sd35_medium", base_model="stabilityai/stable-diffusion-3.5-medium",
+                                             default_reward="pickscore", default_judge="image_reward"),
 }
 
 

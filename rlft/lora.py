@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rlft.policy import DiffusionPolicy, has_adapters
-from rlft.spec import PolicySpec
+from rlft.spec import LORA_TARGETS, PolicySpec
 
 
 def apply_lora(unet: nn.Module, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0) -> nn.Module:
@@ -30,7 +30,7 @@ def apply_lora(unet: nn.Module, rank: int, alpha: float, target_modules: list[st
         raise ValueError(
             f"policy.lora_target_modules={list(target_modules)}: {missing or 'empty'} match no module of "
             f"{type(unet).__name__}; name Linear/Conv2d layers by their last path components, e.g. "
-            "[to_q, to_k, to_v, to_out.0, conv1, conv2, time_emb_proj] for a diffusers UNet"
+            f"[{', '.join(LORA_TARGETS['unet'])}] for a diffusers UNet, [{', '.join(LORA_TARGETS['sd3'])}] for SD3"
         )
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
     unet.requires_grad_(False)
@@ -43,7 +43,8 @@ def apply_lora(unet: nn.Module, rank: int, alpha: float, target_modules: list[st
 def configure_policy(policy: DiffusionPolicy, spec: PolicySpec, checkpointing_default: bool = False) -> DiffusionPolicy:
     """Apply the `policy:` config section: LoRA (rank 0 = full fine-tuning) and gradient checkpointing."""
     if spec.lora_rank:
-        apply_lora(policy.unet, spec.lora_rank, spec.lora_alpha, spec.lora_target_modules, spec.lora_dropout)
+        targets = spec.lora_target_modules or LORA_TARGETS["sd3" if policy.pooled_dim else "unet"]
+        apply_lora(policy.unet, spec.lora_rank, spec.lora_alpha, targets, spec.lora_dropout)
     checkpointing = spec.gradient_checkpointing
     policy.gradient_checkpointing = checkpointing_default if checkpointing is None else bool(checkpointing)
     return policy

@@ -18,11 +18,12 @@ from torch import nn
 from rlft.core.flow import FlowSchedule
 from rlft.core.sampler import StepOutput, guide
 from rlft.core.schedule import DDIMSchedule
+from rlft.envs.stable_diffusion import unpack_sd3_context
 
 
 class DiffusionPolicy(nn.Module):
-    """A diffusers network (UNet2DModel or UNet2DConditionModel) and its sampling schedule: a DDIMSchedule for a
-    noise (or v, or x_0) predicting DDPM, a FlowSchedule for a velocity-predicting flow-matching model.
+    """A diffusers network (UNet2DModel, UNet2DConditionModel or SD3Transformer2DModel) and its sampling schedule: a
+    DDIMSchedule for a noise (or v, or x_0) predicting DDPM, a FlowSchedule for a velocity-predicting flow model.
 
     `forward` is the network call only, so DDP can wrap the policy; `step` is forward + the schedule's step. Conditional
     models are guided (classifier-free guidance with `null_context`, the env's negative-prompt embedding) with
@@ -38,7 +39,10 @@ class DiffusionPolicy(nn.Module):
         self.schedule = schedule
         self.autocast_dtype = autocast_dtype  # bf16 autocast for the network; the step maths stays fp32
         self.memory_format = torch.contiguous_format
-        self.conditional = bool(getattr(unet.config, "cross_attention_dim", None))
+        # SD3's MMDiT takes its prompt as token embeddings and a pooled embedding, packed into one context tensor by
+        # the env (rlft.envs.stable_diffusion.pack_sd3_context); UNets take the tokens as cross-attention states
+        self.pooled_dim = getattr(unet.config, "pooled_projection_dim", None)
+        self.conditional = bool(getattr(unet.config, "cross_attention_dim", None) or self.pooled_dim)
         if self.conditional and null_context is None and guidance_scale != 1.0:
             raise ValueError("classifier-free guidance needs the null context (the negative prompt's embedding)")
         self.register_buffer("null_context", null_context, persistent=False)  # [1, *ctx] or None
@@ -182,6 +186,10 @@ class DiffusionPolicy(nn.Module):
                  context: torch.Tensor) -> torch.Tensor:  # fmt: skip
         x_t = x_t.contiguous(memory_format=self.memory_format)
         with torch.autocast(x_t.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            if self.pooled_dim:
+                tokens, pooled = unpack_sd3_context(context, self.pooled_dim)
+                return network(hidden_states=x_t, timestep=timestep, encoder_hidden_states=tokens,
+                               pooled_projections=pooled).sample  # fmt: skip
             if self.conditional:
                 return network(x_t, timestep, encoder_hidden_states=context).sample
             return network(x_t, timestep).sample

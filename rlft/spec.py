@@ -15,7 +15,10 @@ from omegaconf import II, MISSING
 
 from rlft.core.spec import knob
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
+# LoRA targets by network family: a diffusers UNet's attention, ResNet convolutions and time embeddings; SD3's MMDiT
+# attention on both streams (image and text), as Flow-GRPO adapts it
+LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"],
+                "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]}
 
 
 @dataclass
@@ -25,7 +28,8 @@ class PolicySpec:
     lora_dropout: float = knob(0.0, "dropout on the LoRA branch's input during training", ge=0, lt=1)
     lora_sampling_scale: float = knob(1.0, "rollouts and evaluations scale the adapters' update by this (DRaFT's LoRA "
                                       "scaling: < 1 trades reward for staying near the base model)", ge=0)  # fmt: skip
-    lora_target_modules: list[str] = knob(LORA_TARGETS, "layers that get adapters (last path components)")
+    lora_target_modules: list[str] | None = knob(None, "layers that get adapters (last path components); null = the "
+                                                 "network family's (rlft.spec.LORA_TARGETS)")  # fmt: skip
     gradient_checkpointing: bool | None = knob(None, "recompute each network call in the backward pass; null = the "
                                                "algorithm's default (on for DRaFT)")  # fmt: skip
     dtype: str = knob("fp32", "network compute (the step maths and log-probabilities stay fp32)",

@@ -73,6 +73,14 @@ def tiny_sd(tmp_path_factory):
     return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny Stable Diffusion 3.5 folder (transformer/, vae/, three text encoders and tokenizers, scheduler/)."""
+    from tests.tiny_models import save_tiny_sd3
+
+    return save_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
+
+
 @pytest.fixture
 def empty_hf_cache(tmp_path, monkeypatch):
     """No model is in the HF cache (and HF_HUB_OFFLINE=1, set above): every Hub id is unavailable."""
@@ -83,7 +91,7 @@ def empty_hf_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, tiny_rgb_ddpm, tiny_sd, tiny_flow_dir) -> dict:
+def tiny_models(tmp_path_factory, tiny_rgb_ddpm, tiny_sd, tiny_sd3, tiny_flow_dir) -> dict:
     """Every model and data set the matrix needs, tiny, in the real layouts."""
     from safetensors.torch import save_file
 
@@ -104,7 +112,7 @@ def tiny_models(tmp_path_factory, tiny_rgb_ddpm, tiny_sd, tiny_flow_dir) -> dict
     pickscore_model, pickscore_processor = save_tiny_pickscore(root / "pickscore")
     image_reward = save_tiny_image_reward(root / "image_reward")
     return {
-        "rgb_ddpm": tiny_rgb_ddpm, "sd": tiny_sd, "flow": tiny_flow_dir,
+        "rgb_ddpm": tiny_rgb_ddpm, "sd": tiny_sd, "sd3": tiny_sd3, "flow": tiny_flow_dir,
         "clip": clip, "head": root / "head.safetensors",
         "clip_with_tokenizer": save_tiny_clip_with_tokenizer(root / "clip_tokenizer"),
         "age": save_tiny_age_classifier(root / "age"),

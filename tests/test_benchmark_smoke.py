@@ -61,3 +61,22 @@ def test_the_deft_benchmark_runs_every_method_and_reports_the_path_objective(tmp
     differences = [a - b for a, b in zip(methods[lv]["case_psnr"], methods["DPS (zeta=10)"]["case_psnr"], strict=True)]
     assert abs(pair["mean_db"] - sum(differences) / 6) < 1e-4 and pair["cases"] == 6
     assert pair["better_cases"] == sum(d > 0 for d in differences) and pair["standard_error_db"] > 0
+
+
+def test_the_flow_benchmark_counts_samples_and_training_seconds_per_evaluation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the arms' run folders and the JSON stay in the test's folder
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import flow_rl
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    path = flow_rl.main(["--quick", "--arms", "grpo", "nft", "--out", str(tmp_path)])
+    result = json.loads(path.read_text())
+    assert [arm["arm"] for arm in result["arms"]] == ["grpo", "nft"]
+    for arm in result["arms"]:
+        evaluations = arm["evaluations"]
+        assert [e["epoch"] for e in evaluations] == [0, 1, 2] and [e["samples"] for e in evaluations] == [0, 64, 128]
+        assert evaluations[0]["train_seconds"] == 0 < evaluations[1]["train_seconds"] < evaluations[2]["train_seconds"]
+        reached = next((e for e in evaluations if e["eval/judge/target_fraction"] >= result["target"]), None)
+        assert arm["to_target"] == (None if reached is None else {k: reached[k] for k in ("epoch", "samples",
+                                                                                         "train_seconds")})

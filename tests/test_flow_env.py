@@ -118,6 +118,19 @@ def test_the_mixgrpo_window_slides_from_the_noisy_end_and_wraps():
     assert torch.equal(grpo.window_steps(steps, 3, grpo.Config()), steps)
 
 
+def test_the_ratio_skips_near_deterministic_steps_below_min_step_std():
+    """The shipped flow's 10-step memoryless grid ends 0.112 -> 0.001 (std 0.001) -> 0 (deterministic): GRPO's
+    default min_step_std = 0.01 trains steps 0..7; 0 keeps every stochastic step (DDPO's published choice)."""
+    from rlft.algorithms.ddpo import trained_steps
+
+    schedule = preset("digits_flow").schedule()
+    assert schedule.std[8] < 0.01 < schedule.std[7]
+    assert torch.equal(trained_steps(schedule, grpo.Config().min_step_std), torch.arange(8))
+    assert torch.equal(trained_steps(schedule, 0.0), torch.arange(9))
+    with pytest.raises(ValueError, match="lower algo.min_step_std or raise env.eta"):
+        trained_steps(schedule, 2.0)
+
+
 @pytest.mark.parametrize("r, beta", [(1.0, 1.0), (0.5, 1.0), (0.8, 0.5), (0.1, 2.0)])
 def test_the_nft_loss_is_minimised_at_its_closed_form_policy_improvement(r, beta):
     """Without adaptive weights the loss is quadratic in v_theta with minimiser v_old + (2 r - 1) (v - v_old) / beta

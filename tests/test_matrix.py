@@ -3,8 +3,9 @@ folder layouts, with relative run folders: every cell either runs (and leaves it
 run folder) or is refused before anything starts with a one-line reason. Which cells run is stated here, from what
 each reward and algorithm needs, independently of the code's own checks; the test fails when the code disagrees.
 
-The flow-matching envs (digits_flow: the shipped model; flow: a tiny velocity UNet2DModel with SD3's scheduler class)
-have rows like the DDPM envs'; GRPO and NFT run on every env with its default reward (NFT only on flows). Most cells
+The flow-matching envs (digits_flow: the shipped model; flow: a tiny velocity UNet2DModel with SD3's scheduler class;
+sd35_medium: a tiny StableDiffusion3Pipeline folder) have rows like the DDPM envs'; GRPO and NFT run on every env with
+its default reward (NFT only on flows). Most cells
 run in this process (ray.enabled=false); tests/test_matrix_ray.py runs DDPO, DRaFT and Adjoint Matching on the tiny
 celebahq-layout DDPM and the tiny SD 1.5 folder through real Ray, and one cell of every env family.
 """
@@ -28,7 +29,8 @@ ENVS = ["digits", "digits_flow", "digits_sr", "digits_inpaint", "celebahq", "chu
 GROUP_ALGOS = ["grpo", "nft"]
 DEFAULT_REWARD = {"digits": "digit", "digits_flow": "digit", "flow": "digit", "digits_sr": "measurement",
                   "digits_inpaint": "measurement", "celebahq": "over50", "church": "aesthetic",
-                  "cifar10": "jpeg_compressibility", "sd15": "pickscore", "flowers102_sr": "measurement"}  # fmt: skip
+                  "cifar10": "jpeg_compressibility", "sd15": "pickscore", "sd35_medium": "pickscore",
+                  "flowers102_sr": "measurement"}  # fmt: skip
 REWARDS = ["digit", "jpeg_compressibility", "jpeg_incompressibility", "measurement", "perceptual", "python",
            "aesthetic", "over50", "under30", "clip_score", "pickscore", "image_reward"]  # fmt: skip
 
@@ -39,12 +41,13 @@ RGB_BACKBONES = {"aesthetic", "over50", "under30"}  # CLIP / ViT backbones: RGB 
 NEEDS_PROMPTS = {"clip_score", "pickscore", "image_reward"}
 NEEDS_MEASUREMENT = {"measurement"}
 NOT_DIFFERENTIABLE = {"jpeg_compressibility", "jpeg_incompressibility"}
-FLOW_ENVS = {"digits_flow", "flow"}
+FLOW_ENVS = {"digits_flow", "flow", "sd35_medium"}
 ENV_IMAGES = {"digits": "gray16", "digits_flow": "gray16", "flow": "gray16", "digits_sr": "gray16",
               "digits_inpaint": "gray16", "celebahq": "rgb16",
-              "church": "rgb16", "cifar10": "rgb16", "sd15": "rgb32", "flowers102_sr": "rgb16"}  # fmt: skip
+              "church": "rgb16", "cifar10": "rgb16", "sd15": "rgb32", "sd35_medium": "rgb32",
+              "flowers102_sr": "rgb16"}  # fmt: skip
 MEASURED = {"digits_sr", "digits_inpaint", "flowers102_sr"}
-PROMPTED = {"sd15"}
+PROMPTED = {"sd15", "sd35_medium"}
 
 
 def reward_fits(env: str, reward: str) -> bool:
@@ -76,8 +79,10 @@ def refusals(algo: str, env: str, reward: str) -> list[str]:
 
 
 CELLS = [(algo, env, reward) for algo in ALGOS for env in ENVS for reward in REWARDS]
-CELLS += [(algo, env, DEFAULT_REWARD[env]) for algo in ALGOS for env in ["flow"]]
-CELLS += [(algo, env, DEFAULT_REWARD[env]) for algo in GROUP_ALGOS for env in [*ENVS, "flow"]]
+# the generic flow env and SD 3.5 with their default rewards: the rewards' code paths are those of digits_flow and sd15
+DEFAULT_ROWS = ["flow", "sd35_medium"]
+CELLS += [(algo, env, DEFAULT_REWARD[env]) for algo in ALGOS for env in DEFAULT_ROWS]
+CELLS += [(algo, env, DEFAULT_REWARD[env]) for algo in GROUP_ALGOS for env in [*ENVS, *DEFAULT_ROWS]]
 RUNNABLE = [cell for cell in CELLS if not refusals(*cell)]
 REFUSED = [cell for cell in CELLS if refusals(*cell)]
 
@@ -97,6 +102,8 @@ def cell_overrides(algo: str, env: str, reward: str, models: dict[str, Path]) ->
         "celebahq": [f"env.base_model={models['rgb_ddpm']}"], "church": [f"env.base_model={models['rgb_ddpm']}"],
         "cifar10": [f"env.base_model={models['rgb_ddpm']}"], "flow": [f"env.base_model={models['flow']}"],
         "sd15": [f"env.base_model={models['sd']}", "env.resolution=32", "env.guidance_scale=2.0"],
+        "sd35_medium": [f"env.base_model={models['sd3']}", "env.resolution=32", "env.guidance_scale=2.0",
+                        "env.max_sequence_length=8"],
         "flowers102_sr": [f"env.base_model={models['rgb_ddpm']}", f"env.data_root={models['flowers']}",
                           "env.image_size=16"],
     }.get(env, [])  # fmt: skip
@@ -111,11 +118,14 @@ def cell_overrides(algo: str, env: str, reward: str, models: dict[str, Path]) ->
                          f"reward.tokenizer={models['image_reward_tokenizer']}"],
     }.get(reward, [])  # fmt: skip
     judge_keys = []
-    if env == "sd15":  # its judge (image_reward by default) on the tiny models too, or another when it is the reward
+    if env in PROMPTED:  # its judge (image_reward by default) on the tiny models too, or another when it is the reward
         judge_keys = (["judge=clip_score", f"judge.clip_model={models['clip_with_tokenizer']}"] if reward ==
                       "image_reward" else [f"judge.model={models['image_reward']}",
                                            f"judge.tokenizer={models['image_reward_tokenizer']}"])  # fmt: skip
-    return [f"algo={algo}", f"env={env}", f"reward={reward}", *env_keys, *reward_keys, *judge_keys, *TINY,
+    # 2 steps end with a stochastic step onto t ~ 0 (flows: 1 -> 0.001 -> 0; DDIM: 500 -> 0 -> x_0), of std below
+    # GRPO's min_step_std: GRPO, and every algorithm on the flows, get a step more
+    steps = ["env.num_inference_steps=3"] if env in FLOW_ENVS or algo == "grpo" else []
+    return [f"algo={algo}", f"env={env}", f"reward={reward}", *env_keys, *reward_keys, *judge_keys, *TINY, *steps,
             *ALGO_OVERRIDES[algo]]
 
 
@@ -157,8 +167,10 @@ def test_every_other_cell_is_refused_before_anything_starts_with_its_reason(algo
 def test_the_matrix_covers_every_algorithm_and_env_and_the_done_when_cells():
     for algo in ALGOS + GROUP_ALGOS:
         assert sum(cell[0] == algo for cell in RUNNABLE) >= 2, algo
-    for env in [*ENVS, "flow"]:
+    for env in [*ENVS, *DEFAULT_ROWS]:
         assert any(cell[1] == env for cell in RUNNABLE), env
+    for algo in ("ddpo", "draft", "adjoint_matching", "grpo", "nft"):  # the SD3-class env runs every flow algorithm
+        assert (algo, "sd35_medium", "pickscore") in RUNNABLE
     for algo in ("ddpo", "draft", "adjoint_matching", "grpo", "nft"):  # every flow-capable algorithm on the flow
         assert (algo, "digits_flow", "digit") in RUNNABLE
     for algo in ("ddpo", "draft", "adjoint_matching"):

@@ -221,3 +221,60 @@ def save_tiny_flowers102(root: Path, per_split: int = 3, seed: int = 0) -> Path:
     savemat(folder / "setid.mat", {"trnid": ids[0][None], "valid": ids[1][None], "tstid": ids[2][None]})
     savemat(folder / "imagelabels.mat", {"labels": np.ones((1, count))})
     return root
+
+
+def tiny_t5_tokenizer(max_length: int = 32):
+    """A sentencepiece-style (Unigram, metaspace) T5 tokenizer over single letters, with T5's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -2.0) for c in letters] + [(f"\u2581{c}", -1.5) for c in letters]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=max_length)  # fmt: skip
+
+
+def save_tiny_sd3(path: Path, seed: int = 0, with_t5: bool = True) -> Path:
+    """A StableDiffusion3Pipeline folder as stabilityai/stable-diffusion-3.5-medium's (model_index.json, transformer/,
+    vae/, text_encoder/ CLIP-L, text_encoder_2/ CLIP-G, text_encoder_3/ T5, their tokenizers, scheduler/): 16 latent
+    channels, the VAE's scaling and shift factors, a FlowMatchEulerDiscreteScheduler with shift 3 (32 px images, 16 px
+    latents). `with_t5=False` leaves out text_encoder_3/ and tokenizer_3/, as users who drop T5 do (the pipeline
+    then uses zeros for its tokens)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    parts = {}
+    parts["transformer"] = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
+        pos_embed_max_size=16,
+    )  # fmt: skip
+    parts["vae"] = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+        sample_size=32, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    clip_tokenizer = tiny_clip_tokenizer()
+    for suffix in ("", "_2"):  # the two CLIPs' widths sum to pooled_projection_dim
+        parts[f"text_encoder{suffix}"] = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(clip_tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=16, projection_dim=8, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1,
+        ))  # fmt: skip
+        parts[f"tokenizer{suffix}"] = clip_tokenizer
+    parts["tokenizer_3"] = tiny_t5_tokenizer() if with_t5 else None
+    parts["text_encoder_3"] = T5EncoderModel(T5Config(
+        vocab_size=len(parts["tokenizer_3"]), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+    )) if with_t5 else None  # fmt: skip
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    StableDiffusion3Pipeline(**parts).save_pretrained(path)
+    return path
