@@ -87,6 +87,7 @@ class LearnerContext:
     generator: torch.Generator  # the learner's own random stream (timestep orders, subsampling)
     device: torch.device
     world_size: int = 1
+    policy_version: int = 0  # the weights' version at the start of this update (set by the learner)
 
     def minibatch_count(self, size: int) -> int:
         """Minibatches of `size` in one pass over the buffer; with DDP, the fewest of any replica, so that every

@@ -117,16 +117,19 @@ def compute_advantages(batch: TensorDict, cfg: Config, tracker: PerContextStatTr
 
 
 def ddpo_loss(
-    log_prob: torch.Tensor, log_prob_old: torch.Tensor, advantages: torch.Tensor, clip_range: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    log_prob: torch.Tensor, log_prob_old: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+    behaviour_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """Clipped importance-sampled policy-gradient loss for one timestep of each trajectory ([B] each).
 
-    loss = mean_i max(-A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps)),  r_i = p_theta(a_i|s_i) / p_old(a_i|s_i)
-    """
+    loss = mean_i w_i max(-A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps)),  r_i = p_theta(a_i|s_i) / p_old(a_i|s_i)
+    with w_i = 1 (PPO), or, for data sampled by an older policy, the decoupled objective: p_old the proximal policy
+    and w_i = p_prox / p_behaviour (`behaviour_weight`, detached; `proximal_log_probs`)."""
     ratio = torch.exp(log_prob - log_prob_old)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    loss = (per_sample if behaviour_weight is None else behaviour_weight * per_sample).mean()
     info = {
         "approx_kl": 0.5 * ((log_prob - log_prob_old) ** 2).mean().detach(),
         "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean().detach(),
@@ -146,8 +149,35 @@ def trained_steps(schedule, min_step_std: float) -> torch.Tensor:
     return steps
 
 
+# Decoupled PPO (Hilton et al. 2022, "Batch size-invariance for policy optimization", sec. 3; AReaL's correction for
+# asynchronous rollouts): on data an older policy sampled, PPO's ratio against the behaviour policy is already far
+# outside the clip range after one publish (with DDPO's eps = 1e-4, 99% of a stale batch was clipped: no gradient).
+# The ratio is taken against the proximal policy, the weights at the start of this update, and the behaviour
+# policy enters as the importance weight p_prox / p_behaviour, detached and capped here; on fresh data both policies
+# are the same and the loss is PPO's.
+BEHAVIOUR_WEIGHT_CAP = 5.0
+
+
+def proximal_log_probs(ctx: LearnerContext, steps: torch.Tensor) -> torch.Tensor | None:
+    """[N, T] log-probabilities of the buffer's trajectories at `steps` under the current weights, row i for the
+    trajectory at storage index i (what minibatches carry as "index"), when some trajectory was sampled by an older
+    policy version than the learner's; None when all are on-policy (then nothing is computed)."""
+    stored = ctx.buffer.contents()
+    if not bool((stored["policy_version"] < ctx.policy_version).any()):
+        return None
+    log_probs = stored["log_prob"].clone()
+    with torch.no_grad():
+        for rows in torch.arange(len(stored)).split(ctx.buffer.minibatch_size):
+            chunk = stored[rows].to(ctx.device)
+            latents = chunk["latents"]  # [b, T+1, ...]
+            for k in steps.tolist():
+                out = ctx.policy.step(latents[:, k], k, chunk["context"], prev_sample=latents[:, k + 1])
+                log_probs[rows, k] = out.log_prob.to(log_probs.device)
+    return log_probs
+
+
 def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config, steps: torch.Tensor | None = None,
-               prefix: str = "ddpo") -> dict[str, float]:  # fmt: skip
+               prefix: str = "ddpo", proximal: torch.Tensor | None = None) -> dict[str, float]:  # fmt: skip
     """One optimizer step on a minibatch of whole trajectories, accumulating gradients over timesteps.
 
     Each network call's loss is backpropagated at once, so memory holds the graph of `timesteps_per_forward`
@@ -155,7 +185,8 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config, steps: torch
     the exact KL of each trained transition to the frozen base model's), however they are grouped into calls.
     `steps` are the step indices trained on (default: `trained_steps`; GRPO passes a window of them); the metrics
     are named `<prefix>/...`. `cfg` needs clip_range, kl_weight, timestep_fraction, timesteps_per_forward,
-    min_step_std and max_grad_norm (GRPO's Config has them too).
+    min_step_std and max_grad_norm (GRPO's Config has them too). `proximal` ([N, T], `proximal_log_probs`) switches
+    to the decoupled objective for stale data.
     """
     policy = ctx.policy
     num_trajectories = batch.batch_size[0]
@@ -175,8 +206,14 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config, steps: torch
         x_t, x_prev, context = batch["latents"][row, step_index], batch["latents"][row, step_index + 1], batch[
             "context"][row]  # fmt: skip
         out = policy.step(x_t, step_index, context, prev_sample=x_prev, network=ctx.network)
-        log_prob_old = batch["log_prob"][row, step_index]
-        loss, info = ddpo_loss(out.log_prob, log_prob_old, batch["advantage"][row], cfg.clip_range)
+        log_prob_old, weight = batch["log_prob"][row, step_index], None
+        if proximal is not None:
+            behaviour = log_prob_old
+            log_prob_old = proximal.to(batch.device)[batch["index"][row], step_index]
+            weight = torch.exp(log_prob_old - behaviour).clamp(max=BEHAVIOUR_WEIGHT_CAP)
+        loss, info = ddpo_loss(out.log_prob, log_prob_old, batch["advantage"][row], cfg.clip_range, weight)
+        if weight is not None:
+            info["behaviour_weight"] = weight.mean().detach()
         if cfg.kl_weight > 0:
             with torch.no_grad():
                 reference = policy.step(x_t, step_index, context, prev_sample=x_prev, reference=True)
@@ -232,4 +269,7 @@ def prepare(batch: TensorDict, cfg: Config, state: PerContextStatTracker) -> tup
 
 def update(ctx: LearnerContext, cfg: Config, state: PerContextStatTracker) -> dict[str, float]:
     """`inner_epochs` reshuffled passes over the collected batch, one optimizer step per minibatch."""
-    return mean_over_steps([train_step(ctx, mb, cfg) for _ in range(cfg.inner_epochs) for mb in ctx.minibatches()])
+    steps = trained_steps(ctx.policy.schedule, cfg.min_step_std)
+    proximal = proximal_log_probs(ctx, steps)
+    return mean_over_steps([train_step(ctx, mb, cfg, steps, proximal=proximal)
+                            for _ in range(cfg.inner_epochs) for mb in ctx.minibatches()])  # fmt: skip

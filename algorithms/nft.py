@@ -47,7 +47,10 @@ PREPARE_ACROSS_REPLICAS = ("reward", "context")  # groups span learners
 @dataclass
 class Config:
     name: str = knob("nft", "algorithm module in algorithms/")
-    epochs: int = knob(40, "trainer.epochs unless the command line sets it", ge=1)
+    # on digits_flow (benchmarks/flow_rl.py, 256 evaluation samples) 20 epochs with kl_weight 0.5 end at 93% judged
+    # 3s (80% by epoch 5), judge confidence 0.97 (base 0.95), within-class diversity 0.80 of the base's; kl_weight
+    # 0.3 reaches 97% at diversity 0.69, 1.0 stays near 75-80%, 0 narrows to half the diversity by epoch 20
+    epochs: int = knob(20, "trainer.epochs unless the command line sets it", ge=1)
     lr: float = knob(3e-4, "AdamW learning rate", gt=0)
     weight_decay: float = knob(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = knob(1.0, "gradient clipping (global L2 norm) before each optimizer step", gt=0)
@@ -62,7 +65,7 @@ class Config:
     inner_epochs: int = knob(1, "passes over each collected batch", ge=1)
     minibatch_size: int = knob(32, "samples per optimizer step on each learner", ge=1)
     adaptive_weighting: bool = knob(True, "divide each term by the stop-gradient of its mean absolute x_0 error")
-    kl_weight: float = knob(0.0, "weight of |v_theta - v_base|^2 / 2 at the noised samples, a pull toward the frozen "
+    kl_weight: float = knob(0.5, "weight of |v_theta - v_base|^2 / 2 at the noised samples, a pull toward the frozen "
                             "base model (0 = off)", ge=0)  # fmt: skip
 
 

@@ -29,19 +29,16 @@ TARGET = 0.8
 
 
 def run_arm(name: str, extra: list[str], quick: bool, folder: Path) -> dict:
-    from rlft.run import main
+    from cli_run import timed_run
 
     overrides = [*ARMS[name], *COMMON, *extra, f"logging.run_dir={folder / name}"]
     if quick:
         overrides += ["trainer.epochs=2", "eval.every=1", "eval.num_samples=32"]
-    start = time.perf_counter()
-    run_dir = main(overrides)
-    seconds = time.perf_counter() - start
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    epochs = {line["epoch"]: line for line in lines if "policy_version" in line}
+    run_dir, seconds, epoch_lines, evaluation_lines = timed_run(overrides)
+    epochs = {line["epoch"]: line for line in epoch_lines}
     samples_per_epoch = _samples_per_epoch(run_dir)
     evaluations = []
-    for line in (line for line in lines if "eval/reward_mean" in line):
+    for line in evaluation_lines:
         trained = [epochs[e] for e in epochs if e <= line["epoch"]]
         evaluations.append({**line, "samples": samples_per_epoch * len(trained),
                             "train_seconds": sum(e["perf/epoch_s"] for e in trained)})  # fmt: skip

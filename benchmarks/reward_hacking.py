@@ -33,16 +33,12 @@ EVAL = ["eval.num_samples=256", "trainer.rollout_batch_size=32", "logging.wandb=
 
 
 def run_arm(name: str, extra: list[str], quick: bool, folder: Path) -> dict:
-    from rlft.run import main
+    from cli_run import timed_run
 
     overrides = [*ARMS[name], *EVAL, *extra, f"logging.run_dir={folder / name}"]
     if quick:
         overrides += ["trainer.epochs=2", "eval.every=1", "eval.num_samples=32"]
-    start = time.perf_counter()
-    run_dir = main(overrides)
-    seconds = time.perf_counter() - start
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [line for line in lines if "eval/reward_mean" in line]
+    _, seconds, _, evals = timed_run(overrides)
     return {"arm": name, "overrides": overrides, "seconds": seconds, "evaluations": evals}
 
 

@@ -17,6 +17,7 @@ import difflib
 import functools
 import os
 import re
+import typing
 from typing import Any
 
 import torch
@@ -223,9 +224,12 @@ def compose_config(overrides: list[str], config_name: str = "config") -> tuple[D
     if config_name == "config" and same_digit and not any(key == "judge.target" for key, _ in key_overrides):
         key_overrides.append(("judge.target", "judge.target=${reward.target}"))  # the judge checks the same digit
     known = schema_keys(choices, config_name)
-    for key, override in key_overrides:
+    for index, (key, override) in enumerate(key_overrides):
         if key not in known and not override.startswith("+"):
-            raise ConfigError(f"unknown config key {key!r}{nearest(key, known)}")
+            parent = field_of(key.rsplit(".", 1)[0], choices, config_name) if "." in key else None
+            if parent is None or typing.get_origin(optional_inner(parent[1])[0]) is not dict:
+                raise ConfigError(f"unknown config key {key!r}{nearest(key, known)}")
+            key_overrides[index] = (key, "+" + override)  # a new entry of a dict key (reward.arguments.<k>=v)
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         try:
             cfg = hydra_compose(config_name=config_name, overrides=group_overrides + [o for _, o in key_overrides])
@@ -363,6 +367,12 @@ def validate(spec) -> None:
         if hasattr(algo, "minibatch_size"):
             require(algo.minibatch_size <= per_learner, f"algo.minibatch_size={algo.minibatch_size} must lie in "
                     f"1..{per_learner} (trajectories per learner per epoch)")  # fmt: skip
+    if t.async_rollouts:
+        require(module.uses_rollouts(algo), f"trainer.async_rollouts=true overlaps rollout collection with the "
+                f"update, and algo={algo.name} collects no rollouts (it samples on the learner): set "
+                "trainer.async_rollouts=false")  # fmt: skip
+        require(t.max_staleness >= 1, "trainer.async_rollouts=true trains each epoch on data sampled one policy "
+                "version earlier; set trainer.max_staleness=1 (or more) so the buffer keeps it")  # fmt: skip
     if module.REQUIRES_STOCHASTIC_SAMPLER:
         require(env.eta > 0, f"algo={algo.name} needs log-probabilities of a stochastic sampler, but env.eta="
                 f"{env.eta}; use env.eta=1.0 (or any value in (0, 1])")  # fmt: skip

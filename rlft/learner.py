@@ -136,6 +136,7 @@ class Learner:
         if self.buffer is not None and any_replica(len(self.buffer) == 0, self.device):
             metrics = {"train/skipped_epochs": 1.0, "train/optimizer_steps": 0.0}
         else:
+            self.ctx.policy_version = self.policy_version
             metrics = {"train/skipped_epochs": 0.0, **self.algorithm.update(self.ctx, self.algo, self.state)}
         # involuntary context switches of this process during the update: other work on the machine stalls a
         # multi-threaded CPU learner at every barrier (on 2 cores, Ray's housekeeping made 35x the plain loop's)
@@ -203,15 +204,22 @@ def train(spec, rollouts: RolloutGroup, report: Report, device: torch.device, ra
             return True
         return False
 
+    def start_collect(epoch: int):
+        return rollouts.start_collect(learner.policy_version, derive_seed(spec.seed, 3, epoch, rank), samples)
+
     if start_epoch == 0:
         evaluate(0)
+    # trainer.async_rollouts: the collection for the next epoch is in flight while this one trains (a resumed run
+    # starts with a fresh one, sampled by the restored weights)
+    pending = None
     for epoch in range(start_epoch, trainer.epochs):
         start = time.perf_counter()
         metrics, batches = {}, []
         if learner.algorithm.uses_rollouts(learner.algo):
-            seed = derive_seed(spec.seed, 3, epoch, rank)
-            batches = rollouts.collect(learner.policy_version, seed, samples)
-            metrics = learner.ingest(batches)
+            batches = rollouts.receive(pending or start_collect(epoch))
+            pending = start_collect(epoch + 1) if trainer.async_rollouts and epoch + 1 < trainer.epochs else None
+            made_by = min(int(batch["policy_version"].min()) for _, batch in batches)
+            metrics = {**learner.ingest(batches), "buffer/staleness": float(learner.policy_version - made_by)}
         collected = time.perf_counter()
         metrics.update(learner.update())
         rollouts.publish(learner.policy.trainable_state_dict(), learner.policy_version)

@@ -82,17 +82,26 @@ def start_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
 class RayCall:
     """Run actor methods concurrently, each within `timeout_s`: an actor that has not answered by then is killed,
     Ray restarts it and retries the call (the actors' max_task_retries), up to `restarts` times. A dict argument
-    (weights) goes to the object store once, not per actor."""
+    (weights) goes to the object store once, not per actor. `submit` starts the calls and `wait` collects them (the
+    learner's asynchronous collection trains in between); calling the object does both."""
 
     def __init__(self, timeout_s: float = float("inf"), restarts: int = 0, warn: Callable[[str], None] = print):
         self.timeout_s, self.restarts, self.warn = timeout_s, restarts, warn
 
     def __call__(self, calls: list[tuple[Any, str, tuple]]) -> list[Any]:
+        return self.wait(self.submit(calls))
+
+    def submit(self, calls: list[tuple[Any, str, tuple]]) -> tuple[list, list[ray.ObjectRef]]:
         stored: dict[int, ray.ObjectRef] = {}
         futures = []
         for actor, method, args in calls:
             args = tuple(stored.setdefault(id(a), ray.put(a)) if isinstance(a, dict) else a for a in args)
             futures.append(getattr(actor, method).remote(*args))
+        return calls, futures
+
+    def wait(self, submitted: tuple[list, list[ray.ObjectRef]]) -> list[Any]:
+        """The results of submitted calls, in order; the timeout counts from now."""
+        calls, futures = submitted
         timeout = None if self.timeout_s == float("inf") else self.timeout_s
         for attempt in range(self.restarts + 1):
             _, pending = ray.wait(futures, num_returns=len(futures), timeout=timeout)

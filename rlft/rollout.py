@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -221,11 +221,41 @@ class Published:
         return ray.get(self.weights[0])
 
 
-Call = Callable[[list[tuple[Any, str, tuple]]], list[Any]]  # [(worker, method, args)] -> results, in order
+class Call(Protocol):
+    """Runs [(worker, method, args)] and returns the results in order: at once (`__call__`), or started by `submit`
+    and collected by `wait`."""
+
+    def __call__(self, calls: list[tuple[Any, str, tuple]]) -> list[Any]: ...
+
+    def submit(self, calls: list[tuple[Any, str, tuple]]) -> Any: ...
+
+    def wait(self, submitted: Any) -> list[Any]: ...
 
 
-def local_call(calls: list[tuple[Any, str, tuple]]) -> list[Any]:
-    return [getattr(worker, method)(*args) for worker, method, args in calls]
+class LocalCall:
+    """In-process workers: `submit` runs the calls there and then (one process has nothing to overlap them with),
+    so an asynchronous collection sees the same weights as through Ray."""
+
+    def __call__(self, calls: list[tuple[Any, str, tuple]]) -> list[Any]:
+        return [getattr(worker, method)(*args) for worker, method, args in calls]
+
+    def submit(self, calls: list[tuple[Any, str, tuple]]) -> list[Any]:
+        return self(calls)
+
+    def wait(self, submitted: list[Any]) -> list[Any]:
+        return submitted
+
+
+local_call = LocalCall()
+
+
+@dataclass
+class PendingCollection:
+    """A collection in flight: the policy version that samples it, its uids, and the submitted calls."""
+
+    policy_version: int
+    uids: list[str]
+    submitted: Any
 
 
 class RolloutGroup:
@@ -237,12 +267,20 @@ class RolloutGroup:
 
     def collect(self, policy_version: int, seed: int, n: int) -> list[tuple[str, TensorDict]]:
         """`n` trajectories split evenly over the workers; each batch comes with its uid."""
+        return self.receive(self.start_collect(policy_version, seed, n))
+
+    def start_collect(self, policy_version: int, seed: int, n: int) -> PendingCollection:
+        """Start collecting `n` trajectories with the workers' current weights (version `policy_version`); weights
+        published afterwards reach each worker after its collection (an actor runs its calls in order)."""
         per_worker = n // len(self.workers)
         seeds = [derive_seed(seed, i) for i in range(len(self.workers))]
         calls = [(w, "collect", (policy_version, s, per_worker, self.published))
                  for w, s in zip(self.workers, seeds, strict=True)]  # fmt: skip
-        results = self.call(calls)
-        return [(f"v{policy_version}-s{s}-n{per_worker}", batch) for s, batch in zip(seeds, results, strict=True)]
+        uids = [f"v{policy_version}-s{s}-n{per_worker}" for s in seeds]
+        return PendingCollection(policy_version, uids, self.call.submit(calls))
+
+    def receive(self, pending: PendingCollection) -> list[tuple[str, TensorDict]]:
+        return list(zip(pending.uids, self.call.wait(pending.submitted), strict=True))
 
     def publish(self, weights: dict[str, torch.Tensor], policy_version: int) -> None:
         stored = self.share(weights)

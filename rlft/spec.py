@@ -48,6 +48,10 @@ class TrainerSpec:
     buffer_capacity: int | None = knob(None, "trajectories the replay buffer holds; null = samples_per_epoch per "
                                        "learner", ge=1)  # fmt: skip
     max_staleness: int = knob(0, "evict trajectories more than this many policy versions old (0 = on-policy)", ge=0)
+    # the rollout workers sample epoch e + 1 with version e's weights while the learner trains on epoch e's batch:
+    # each update sees data one version old (corrected as each algorithm corrects a stale buffer)
+    async_rollouts: bool = knob(False, "overlap the next epoch's collection with this epoch's update (needs "
+                                "trainer.max_staleness >= 1)")  # fmt: skip
     lr_schedule: str = knob("constant", "learning rate after the warm-up: constant, or cosine decay to 10%",
                             choices=("constant", "cosine"))  # fmt: skip
     lr_warmup_epochs: int = knob(0, "epochs of linear learning-rate warm-up", ge=0)

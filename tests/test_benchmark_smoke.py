@@ -65,11 +65,9 @@ def test_the_deft_benchmark_runs_every_method_and_reports_the_path_objective(tmp
 
 def test_the_flow_benchmark_counts_samples_and_training_seconds_per_evaluation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the arms' run folders and the JSON stay in the test's folder
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import flow_rl
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as `python benchmarks/flow_rl.py` has it
+    import flow_rl
+
     path = flow_rl.main(["--quick", "--arms", "grpo", "nft", "--out", str(tmp_path)])
     result = json.loads(path.read_text())
     assert [arm["arm"] for arm in result["arms"]] == ["grpo", "nft"]

@@ -228,3 +228,10 @@ def test_a_wrong_value_for_any_key_stops_with_one_line_naming_the_key_and_no_run
     assert key in message, message
     assert any(word in message for word in ("takes", "one of", "cannot parse", "does not match")), message
     assert not folder.exists()
+
+
+def test_a_dict_key_takes_new_entries_as_the_readme_writes_them():
+    spec = compose(["reward=python", "reward.function=tests.matrix_rewards:brightness", "reward.arguments.scale=2"])
+    assert spec.reward.arguments == {"scale": 2}
+    with pytest.raises(ConfigError, match="unknown config key 'reward.argumentz.scale'"):
+        compose(["reward.argumentz.scale=2"])

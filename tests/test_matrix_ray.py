@@ -1,7 +1,7 @@
 """The matrix through real Ray (the default): DDPO, DRaFT and Adjoint Matching on the tiny celebahq-layout DDPM and
-the tiny Stable Diffusion 1.5 folder, and one cell of every other env family, each through the CLI's `main` with a
-relative run folder: the learners (Ray Train workers, whose working directory is Ray's session folder) must leave
-their checkpoints in that run folder. The runs share one local Ray, started by the first."""
+the tiny Stable Diffusion 1.5 folder, and one cell of every other env family (SD 3.5 with GRPO), each through the
+CLI's `main` with a relative run folder: the learners (Ray Train workers, whose working directory is Ray's session
+folder) must leave their checkpoints in that run folder. The runs share one local Ray, started by the first."""
 
 import pytest
 import ray
@@ -15,7 +15,7 @@ RAY_CELLS = [
     ("ddpo", "celebahq", "over50"), ("draft", "celebahq", "over50"), ("adjoint_matching", "celebahq", "over50"),
     ("ddpo", "sd15", "image_reward"), ("draft", "sd15", "pickscore"), ("adjoint_matching", "sd15", "clip_score"),
     ("ddpo", "digits", "digit"), ("deft", "digits_sr", "measurement"), ("ddpo", "flowers102_sr", "measurement"),
-    ("nft", "digits_flow", "digit"),
+    ("nft", "digits_flow", "digit"), ("grpo", "sd35_medium", "pickscore"),
 ]  # fmt: skip
 
 
