@@ -37,6 +37,9 @@ class Algorithm(Protocol):
     def validate(self, spec) -> list[str]:
         """Config problems of this algorithm with the rest of the run, one message each (empty: fine)."""
 
+    # optional: schedule_problems(spec, schedule) -> list[str], checks on the env's sampling schedule, run once the
+    # base model is found (DDPO and GRPO: a step left to train on at algo.min_step_std)
+
     def make_state(self, cfg) -> Any:
         """The learner-side state (with state_dict / load_state_dict for checkpoints)."""
 

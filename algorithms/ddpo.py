@@ -239,13 +239,14 @@ def reference_roles(cfg: Config) -> tuple[str, ...]:
 
 
 def validate(spec) -> list[str]:
-    return step_problems(spec)
+    return []
 
 
-def step_problems(spec) -> list[str]:
-    """The env's sampler has a step to train on at algo.min_step_std (DDPO and GRPO)."""
+def schedule_problems(spec, schedule) -> list[str]:
+    """Checks on the env's sampler, once its model is found (rlft.config.validate): a step to train on at
+    algo.min_step_std (DDPO and GRPO)."""
     try:
-        trained_steps(spec.env.schedule(), spec.algo.min_step_std)
+        trained_steps(schedule, spec.algo.min_step_std)
     except ValueError as error:
         return [str(error)]
     return []

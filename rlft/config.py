@@ -384,6 +384,8 @@ def validate(spec) -> None:
                 "actor cannot do; set ray.remote_reward=false")  # fmt: skip
     require(r.enabled or not r.remote_reward, "ray.remote_reward=true runs the reward in a Ray actor; it needs "
             "ray.enabled=true (or set ray.remote_reward=false)")  # fmt: skip
+    for problem in module.validate(spec):  # the algorithm's own checks
+        raise ConfigError(problem)
     require(spec.policy.lora_sampling_scale == 1.0 or spec.policy.lora_rank > 0, "policy.lora_sampling_scale scales "
             "LoRA adapters, and policy.lora_rank=0 trains none; set policy.lora_rank=4 (or leave the scale at 1)")
     if spec.policy.fused_norm_silu:
@@ -396,8 +398,9 @@ def validate(spec) -> None:
         require(r.gpus_per_learner > 0 and r.gpus_per_rollout_worker > 0, f"device={spec.device} with Ray needs "
                 "ray.gpus_per_learner and ray.gpus_per_rollout_worker above 0 (fractions share one GPU)")
     env.check()  # a missing base model stops the run here (reads config files only)
-    for problem in module.validate(spec):  # the algorithm's own checks (they may read the model's configs)
-        raise ConfigError(problem)
+    if hasattr(module, "schedule_problems"):  # an algorithm's checks of the model's sampling schedule
+        for problem in module.schedule_problems(spec, env.schedule()):
+            raise ConfigError(problem)
     image = env.image_spec()
     problems = accepts.problems(image)
     if problems:

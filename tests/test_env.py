@@ -29,7 +29,8 @@ def single_env(task: str, tiny_rgb_ddpm, tiny_sd) -> gymnasium.Env:
 def test_every_preset_has_a_gymnasium_id():
     registered = {env_id for env_id in gymnasium.registry if env_id.startswith("rlft/")}
     assert registered == {f"rlft/{name}-v0" for name in rlft.envs.GYMNASIUM_IDS.values()}
-    assert {"Digits", "DigitsFlow", "Flow", "DigitsSR", "DigitsInpaint", "SD15", "Flowers102SR", *DDPM_PRESETS} == set(
+    assert {"Digits", "DigitsFlow", "Flow", "DigitsSR", "DigitsInpaint", "SD15", "SD35Medium", "Flowers102SR",
+            *DDPM_PRESETS} == set(
         rlft.envs.GYMNASIUM_IDS.values()
     )
 
