@@ -15,21 +15,18 @@ evaluation against samples; a table and `benchmarks/results/async_pipeline-<date
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from cli_run import arm_parser, timed_run, write_results
 
 HERE = Path(__file__).resolve().parent
 
 
 def run_arm(name: str, asynchronous: bool, args, folder: Path) -> dict:
-    from cli_run import timed_run
-
     overrides = ["algo=ddpo", "reward=python", "reward.function=slow_rewards:slow_digit",
                  f"reward.arguments.seconds_per_batch={args.latency}", "trainer.max_staleness=1",
                  f"trainer.async_rollouts={str(asynchronous).lower()}", f"trainer.epochs={args.epochs}",
@@ -46,12 +43,9 @@ def run_arm(name: str, asynchronous: bool, args, folder: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arm_parser(__doc__.split("\n\n")[0], None, "three epochs per arm (a smoke test)")
     parser.add_argument("--latency", type=float, default=1.0, help="seconds the scorer waits per rollout batch")
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--extra", nargs="*", default=[], help="rlft overrides for both arms")
-    parser.add_argument("--quick", action="store_true", help="three epochs per arm (a smoke test)")
-    parser.add_argument("--out", default="benchmarks/results", help="folder of the JSON")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     # the rollout actors import the scorer: they inherit the driver's environment, PYTHONPATH included
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
@@ -74,12 +68,8 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"| {result['arm']} | {evaluation['epoch']} | {evaluation['epoch'] * samples[result['arm']]:.0f} | "
                   f"{evaluation['eval/reward_mean']:.3f} | "
                   f"{evaluation.get('eval/judge/target_fraction', float('nan')):.3f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"async_pipeline-{time.strftime('%Y-%m-%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"latency_s": args.latency, "throughput_ratio": speedup, "arms": results}, indent=1))
-    print(f"wrote {path}")
-    return path
+    return write_results(args.out, "async_pipeline", {"latency_s": args.latency, "throughput_ratio": speedup,
+                                                       "arms": results})
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ the within-class diversity relative to the base model's; per arm, the training s
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from cli_run import arm_parser, timed_run, write_results
 
 ARMS = {"grpo": ["algo=grpo"], "nft": ["algo=nft"], "ddpo": ["algo=ddpo"]}
 COMMON = ["env=digits_flow", "eval.num_samples=256", "eval.every=5", "trainer.rollout_batch_size=32",
@@ -29,8 +28,6 @@ TARGET = 0.8
 
 
 def run_arm(name: str, extra: list[str], quick: bool, folder: Path) -> dict:
-    from cli_run import timed_run
-
     overrides = [*ARMS[name], *COMMON, *extra, f"logging.run_dir={folder / name}"]
     if quick:
         overrides += ["trainer.epochs=2", "eval.every=1", "eval.num_samples=32"]
@@ -54,11 +51,7 @@ def _samples_per_epoch(run_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--extra", nargs="*", default=[], help="rlft overrides for every arm")
-    parser.add_argument("--quick", action="store_true", help="two epochs per arm (a smoke test)")
-    parser.add_argument("--out", default="benchmarks/results", help="folder of the JSON")
+    parser = arm_parser(__doc__.split("\n\n")[0], list(ARMS), "two epochs per arm (a smoke test)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as folder:
         results = [run_arm(name, args.extra, args.quick, Path(folder)) for name in args.arms]
@@ -78,12 +71,7 @@ def main(argv: list[str] | None = None) -> Path:
         cells = ("not reached",) * 3 if reached is None else (
             str(reached["samples"]), f"{reached['train_seconds']:.0f}", str(reached["epoch"]))  # fmt: skip
         print(f"| {result['arm']} | " + " | ".join(cells) + f" | {result['seconds']:.0f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"flow_rl-{time.strftime('%Y-%m-%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"target": TARGET, "arms": results}, indent=1))
-    print(f"wrote {path}")
-    return path
+    return write_results(args.out, "flow_rl", {"target": TARGET, "arms": results})
 
 
 if __name__ == "__main__":

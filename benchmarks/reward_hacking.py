@@ -15,12 +15,11 @@ the base model's, in <= 10 minutes of 2 CPU cores. A table and `benchmarks/resul
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from cli_run import arm_parser, timed_run, write_results
 
 ARMS = {
     "ddpo": ["algo=ddpo"],
@@ -33,8 +32,6 @@ EVAL = ["eval.num_samples=256", "trainer.rollout_batch_size=32", "logging.wandb=
 
 
 def run_arm(name: str, extra: list[str], quick: bool, folder: Path) -> dict:
-    from cli_run import timed_run
-
     overrides = [*ARMS[name], *EVAL, *extra, f"logging.run_dir={folder / name}"]
     if quick:
         overrides += ["trainer.epochs=2", "eval.every=1", "eval.num_samples=32"]
@@ -51,11 +48,7 @@ def goals(first: dict, last: dict) -> dict[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--extra", nargs="*", default=[], help="rlft overrides for every arm")
-    parser.add_argument("--quick", action="store_true", help="two epochs per arm (a smoke test)")
-    parser.add_argument("--out", default="benchmarks/results", help="folder of the JSON")
+    parser = arm_parser(__doc__.split("\n\n")[0], list(ARMS), "two epochs per arm (a smoke test)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     results = []
     with tempfile.TemporaryDirectory() as folder:
@@ -72,12 +65,7 @@ def main(argv: list[str] | None = None) -> Path:
         first, last = result["evaluations"][0], result["evaluations"][-1]
         result["goals"] = goals(first, last)
         print(f"{result['arm']}: {result['seconds']:.0f} s; goals met: {result['goals']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"reward_hacking-{time.strftime('%Y-%m-%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"arms": results}, indent=1))
-    print(f"wrote {path}")
-    return path
+    return write_results(args.out, "reward_hacking", {"arms": results})
 
 
 if __name__ == "__main__":
