@@ -159,20 +159,22 @@ BEHAVIOUR_WEIGHT_CAP = 5.0
 
 
 def proximal_log_probs(ctx: LearnerContext, steps: torch.Tensor) -> torch.Tensor | None:
-    """[N, T] log-probabilities of the buffer's trajectories at `steps` under the current weights, row i for the
-    trajectory at storage index i (what minibatches carry as "index"), when some trajectory was sampled by an older
-    policy version than the learner's; None when all are on-policy (then nothing is computed)."""
+    """[N, T] log-probabilities of the buffer's trajectories at `steps` under the current weights, on the learner's
+    device, row i for the trajectory at storage index i (what minibatches carry as "index"), when some trajectory was
+    sampled by an older policy version than the learner's; None when all are on-policy. Only the stale rows are
+    recomputed: a fresh row's behaviour policy is the proximal one."""
     stored = ctx.buffer.contents()
-    if not bool((stored["policy_version"] < ctx.policy_version).any()):
+    stale = (stored["policy_version"] < ctx.policy_version).nonzero().squeeze(1)
+    if len(stale) == 0:
         return None
-    log_probs = stored["log_prob"].clone()
+    log_probs = stored["log_prob"].to(ctx.device, copy=True)
     with torch.no_grad():
-        for rows in torch.arange(len(stored)).split(ctx.buffer.minibatch_size):
+        for rows in stale.split(ctx.buffer.minibatch_size):
             chunk = stored[rows].to(ctx.device)
             latents = chunk["latents"]  # [b, T+1, ...]
             for k in steps.tolist():
                 out = ctx.policy.step(latents[:, k], k, chunk["context"], prev_sample=latents[:, k + 1])
-                log_probs[rows, k] = out.log_prob.to(log_probs.device)
+                log_probs[rows.to(ctx.device), k] = out.log_prob
     return log_probs
 
 
@@ -209,7 +211,7 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config, steps: torch
         log_prob_old, weight = batch["log_prob"][row, step_index], None
         if proximal is not None:
             behaviour = log_prob_old
-            log_prob_old = proximal.to(batch.device)[batch["index"][row], step_index]
+            log_prob_old = proximal[batch["index"][row], step_index]
             weight = torch.exp(log_prob_old - behaviour).clamp(max=BEHAVIOUR_WEIGHT_CAP)
         loss, info = ddpo_loss(out.log_prob, log_prob_old, batch["advantage"][row], cfg.clip_range, weight)
         if weight is not None:

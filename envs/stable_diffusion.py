@@ -109,12 +109,20 @@ def make_stable_diffusion_env(cfg: StableDiffusionEnvConfig, reward: Reward, num
                               evaluation: bool = False) -> DenoisingEnv:  # fmt: skip
     """The latent MDP of `cfg`: training prompts, or the held-out evaluation prompts with `evaluation`."""
     text_encoder, tokenizer, vae = load_env_parts(cfg.base_model, cfg.revision, str(device))
+    return prompted_env(cfg, reward, num_envs, device, evaluation, vae,
+                        lambda prompts: encode_prompts(text_encoder, tokenizer, prompts, device))  # fmt: skip
+
+
+def prompted_env(cfg: StableDiffusionEnvConfig, reward: Reward, num_envs: int, device: str | torch.device,
+                 evaluation: bool, vae: nn.Module, encode) -> DenoisingEnv:  # fmt: skip
+    """A text-to-image latent MDP: the prompts of `cfg` (or its evaluation prompts), each trajectory's context
+    a row of `encode(prompts)`, the negative prompt's encoding as the null context, and the VAE decoding x_0."""
     if evaluation:
         prompts = read_prompts(cfg.eval_prompts, cfg.eval_prompt_file, "env.eval_prompts")
     else:
         prompts = read_prompts(cfg.prompts, cfg.prompt_file)
-    contexts = PromptContext(prompts, encode_prompts(text_encoder, tokenizer, prompts, device))
-    null_context = encode_prompts(text_encoder, tokenizer, [cfg.negative_prompt], device)  # [1, L, D]
+    contexts = PromptContext(prompts, encode(prompts))
+    null_context = encode([cfg.negative_prompt])  # [1, *ctx]
     return DenoisingEnv(num_envs=num_envs, sample_shape=cfg.sample_shape(), schedule=cfg.schedule(), reward=reward,
                         context_sampler=contexts, context_shape=contexts.shape, device=device,
                         decoder=LatentDecoder(vae), reward_context=contexts.reward_context,
@@ -182,13 +190,5 @@ def make_sd3_env(cfg: StableDiffusionEnvConfig, reward: Reward, num_envs: int, d
                  evaluation: bool = False) -> DenoisingEnv:  # fmt: skip
     """The latent flow MDP of an SD3 config: training prompts, or the held-out evaluation prompts with `evaluation`."""
     pipeline, vae = load_sd3_env_parts(cfg.base_model, cfg.revision, str(device))
-    if evaluation:
-        prompts = read_prompts(cfg.eval_prompts, cfg.eval_prompt_file, "env.eval_prompts")
-    else:
-        prompts = read_prompts(cfg.prompts, cfg.prompt_file)
-    contexts = PromptContext(prompts, encode_sd3_prompts(pipeline, prompts, cfg.max_sequence_length, device))
-    null_context = encode_sd3_prompts(pipeline, [cfg.negative_prompt], cfg.max_sequence_length, device)
-    return DenoisingEnv(num_envs=num_envs, sample_shape=cfg.sample_shape(), schedule=cfg.schedule(), reward=reward,
-                        context_sampler=contexts, context_shape=contexts.shape, device=device,
-                        decoder=LatentDecoder(vae), reward_context=contexts.reward_context,
-                        null_context=null_context)  # fmt: skip
+    return prompted_env(cfg, reward, num_envs, device, evaluation, vae,
+                        lambda prompts: encode_sd3_prompts(pipeline, prompts, cfg.max_sequence_length, device))

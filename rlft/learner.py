@@ -216,10 +216,11 @@ def train(spec, rollouts: RolloutGroup, report: Report, device: torch.device, ra
         start = time.perf_counter()
         metrics, batches = {}, []
         if learner.algorithm.uses_rollouts(learner.algo):
-            batches = rollouts.receive(pending or start_collect(epoch))
+            collection = pending or start_collect(epoch)
+            batches = rollouts.receive(collection)
             pending = start_collect(epoch + 1) if trainer.async_rollouts and epoch + 1 < trainer.epochs else None
-            made_by = min(int(batch["policy_version"].min()) for _, batch in batches)
-            metrics = {**learner.ingest(batches), "buffer/staleness": float(learner.policy_version - made_by)}
+            staleness = learner.policy_version - collection.policy_version
+            metrics = {**learner.ingest(batches), "buffer/staleness": float(staleness)}
         collected = time.perf_counter()
         metrics.update(learner.update())
         rollouts.publish(learner.policy.trainable_state_dict(), learner.policy_version)

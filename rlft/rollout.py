@@ -251,7 +251,7 @@ local_call = LocalCall()
 
 @dataclass
 class PendingCollection:
-    """A collection in flight: the policy version that samples it, its uids, and the submitted calls."""
+    """A collection in flight: the policy version that samples it, its batches' uids, and the submitted calls."""
 
     policy_version: int
     uids: list[str]
