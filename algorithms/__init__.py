@@ -83,7 +83,7 @@ class LearnerContext:
     """What an update needs from the learner replica it runs in."""
 
     policy: torch.nn.Module  # the DiffusionPolicy (unwrapped: parameters, schedule, trainable weights)
-    network: torch.nn.Module  # what to call for the forward pass: the policy or its DDP wrapper
+    network: torch.nn.Module  # what to call for the forward pass: the policy or its DDP wrapper (FSDP: the policy)
     optimizer: torch.optim.Optimizer
     env: Any  # a DenoisingEnv on the learner's device (reward, schedule, contexts) for in-learner sampling
     buffer: Any  # the learner's TrajectoryBuffer shard (None when the algorithm uses no rollouts)
@@ -91,6 +91,7 @@ class LearnerContext:
     device: torch.device
     world_size: int = 1
     policy_version: int = 0  # the weights' version at the start of this update (set by the learner)
+    sharded: bool = False  # FSDP learners (rlft.fsdp): every network call, with or without gradients, is a collective
 
     def minibatch_count(self, size: int) -> int:
         """Minibatches of `size` in one pass over the buffer; with DDP, the fewest of any replica, so that every
@@ -112,6 +113,18 @@ class LearnerContext:
                 return
             yield minibatch.to(self.device)
 
+    def spare_calls(self, count: int) -> int:
+        """Network calls to make, results unused, beyond the `count` this replica's own data needs: with FSDP, where
+        every call waits for all replicas to make it, the most any replica needs less `count` (else that replica
+        would wait forever); 0 otherwise."""
+        if not self.sharded:
+            return 0
+        import torch.distributed as dist
+
+        most = torch.tensor([count], device=self.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most) - count
+
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
 
@@ -120,6 +133,8 @@ class LearnerContext:
         the gradients dropped, so a NaN never reaches the weights (with DDP every replica sees the same all-reduced
         gradients and skips alike)."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable(), max_grad_norm)
+        if self.sharded:  # FSDP: the norm over every replica's shards, a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         finite = bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()

@@ -165,16 +165,20 @@ def proximal_log_probs(ctx: LearnerContext, steps: torch.Tensor) -> torch.Tensor
     recomputed: a fresh row's behaviour policy is the proximal one."""
     stored = ctx.buffer.contents()
     stale = (stored["policy_version"] < ctx.policy_version).nonzero().squeeze(1)
-    if len(stale) == 0:
+    chunks = list(stale.split(ctx.buffer.minibatch_size)) if len(stale) else []  # (an empty tensor splits into one)
+    # FSDP: a replica with fewer stale rows than another makes spare calls (on its first row, results unused)
+    calls = chunks + [torch.zeros(1, dtype=torch.long)] * ctx.spare_calls(len(chunks))
+    if not calls:
         return None
     log_probs = stored["log_prob"].to(ctx.device, copy=True)
     with torch.no_grad():
-        for rows in stale.split(ctx.buffer.minibatch_size):
+        for i, rows in enumerate(calls):
             chunk = stored[rows].to(ctx.device)
             latents = chunk["latents"]  # [b, T+1, ...]
             for k in steps.tolist():
                 out = ctx.policy.step(latents[:, k], k, chunk["context"], prev_sample=latents[:, k + 1])
-                log_probs[rows.to(ctx.device), k] = out.log_prob
+                if i < len(chunks):
+                    log_probs[rows.to(ctx.device), k] = out.log_prob
     return log_probs
 
 

@@ -419,6 +419,9 @@ def validate(spec) -> list[str]:
         return ["algo=deft trains a small h-transform beside a frozen pixel-space DDPM (conditioned on a measurement "
                 f"or a reward); env={spec.env.name} is a latent text-to-image model: use algo=ddpo, draft or "
                 "adjoint_matching"]
+    if spec.ray.learner_parallelism == "fsdp":
+        return ["algo=deft trains a small h-transform beside a frozen base network, and ray.learner_parallelism=fsdp "
+                "shards a network that is fully fine-tuned: use ray.learner_parallelism=ddp"]  # fmt: skip
     if spec.algo.variant == "supervised" and spec.env.kind != "inverse":
         return [f"algo.variant=supervised trains on (x, y) pairs of an inverse-problem env, and env={spec.env.name} "
                 "has none: use env=digits_sr or env=digits_inpaint, or algo.variant=log_variance"]

@@ -27,6 +27,7 @@ Batch schema (rollout workers; only the final samples are used):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -166,13 +167,16 @@ def update(ctx: LearnerContext, cfg: Config, state: dict) -> dict[str, float]:
     stored = ctx.buffer.contents().to(ctx.device)
     x0, context, r = stored["latents"][:, -1].float(), stored["context"], stored["optimality"]
     count = ctx.minibatch_count(cfg.minibatch_size)
+    spare = ctx.spare_calls(math.ceil(len(x0) / 64))  # FSDP: as many calls as the replica with the most samples
     passes = []
     with torch.no_grad():
         for _ in range(cfg.inner_epochs):
             draws = []
             for step, x_t in noised_batches(ctx, x0, cfg):
-                v_old = torch.cat([velocity(ctx, x, s, c) for x, s, c in
-                                   zip(x_t.split(64), step.split(64), context.split(64), strict=True)])  # fmt: skip
+                chunks = list(zip(x_t.split(64), step.split(64), context.split(64), strict=True))
+                v_old = torch.cat([velocity(ctx, x, s, c) for x, s, c in chunks])
+                for _ in range(spare):
+                    velocity(ctx, *chunks[0])
                 draws.append((step, x_t, v_old))
             passes.append(draws)
     step_metrics = []

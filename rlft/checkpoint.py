@@ -36,13 +36,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rlft.config import ConfigError
+from rlft.fsdp import full_state, shard_optimizer_state
 
 FORMAT_VERSION = 1
 COMMIT_MARKER = "COMMITTED"
 # keys that change how a run is operated, not what it computes: they may differ between a run and its resumption
 OPERATIONAL_KEYS = ("logging", "resume", "trainer.checkpoint_every", "trainer.keep_checkpoints", "ray.address",
                     "ray.num_cpus", "ray.max_rollout_restarts", "ray.max_learner_failures", "ray.collect_timeout_s",
-                    "ray.reward_timeout_s", "ray.max_reward_restarts")  # fmt: skip
+                    "ray.reward_timeout_s", "ray.max_reward_restarts", "ray.rollout_resources",
+                    "ray.learner_resources",
+                    # DDP and FSDP learners write the same checkpoint (full weights, full optimizer state)
+                    "ray.learner_parallelism")  # fmt: skip
 PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ opcode, zip (torch.save's container)
 # what state.json holds besides its format (Checkpointer._commit writes them all)
 STATE_KEYS = ("epoch", "policy_version", "world_size", "config_hash", "wandb_run_id", "signature", "optimizer",
@@ -340,7 +344,8 @@ def restore_replica(learner, checkpoint: Checkpoint) -> None:
     # weight decay) stay this run's, from its config: a resumed run may change them, and a PBT trial continues
     # another trial's checkpoint with mutated ones
     settings = [{k: v for k, v in group.items() if k != "params"} for group in learner.ctx.optimizer.param_groups]
-    learner.ctx.optimizer.load_state_dict(optimizer)  # new param_groups: the checkpoint's
+    # new param_groups: the checkpoint's; FSDP learners keep their shard of each moment
+    learner.ctx.optimizer.load_state_dict(shard_optimizer_state(optimizer, learner.ctx.optimizer))
     scheduler = learner.lr_scheduler
     scheduler.load_state_dict(checkpoint.state["lr_scheduler"])
     scheduler.base_lrs = [setting["initial_lr"] for setting in settings]
@@ -404,6 +409,8 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
             if distributed:
                 torch.distributed.barrier()
+            # the full weights and optimizer state, on every replica: gathering an FSDP learner's is a collective
+            shared = learner.policy.trainable_state_dict(), full_state(learner.ctx.optimizer.state_dict())
             tensors: dict[str, torch.Tensor] = {}
             plain = split_tensors(replica_state(learner), tensors)
             _write_tensors(tmp / f"rank_{learner.rank}.safetensors", tensors)
@@ -411,7 +418,7 @@ class Checkpointer:
             if distributed:
                 torch.distributed.barrier()
             if learner.rank == 0:
-                self._commit(learner, epoch, tmp, final)
+                self._commit(learner, epoch, tmp, final, *shared)
         except OSError as error:
             shutil.rmtree(tmp, ignore_errors=True)
             kept = committed(self.folder)
@@ -422,10 +429,10 @@ class Checkpointer:
             torch.distributed.barrier()
         return final
 
-    def _commit(self, learner, epoch: int, tmp: Path, final: Path) -> None:
-        _write_tensors(tmp / "policy.safetensors", learner.policy.trainable_state_dict())
+    def _commit(self, learner, epoch: int, tmp: Path, final: Path, weights: dict, optimizer: dict) -> None:
+        _write_tensors(tmp / "policy.safetensors", weights)
         optimizer_tensors: dict[str, torch.Tensor] = {}
-        optimizer_plain = split_tensors(learner.ctx.optimizer.state_dict(), optimizer_tensors)
+        optimizer_plain = split_tensors(optimizer, optimizer_tensors)
         _write_tensors(tmp / "optimizer.safetensors", optimizer_tensors)
         files = {p.name: _digest(p) for p in sorted(tmp.iterdir())}
         _write_json(tmp / "state.json", {

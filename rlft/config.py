@@ -351,6 +351,16 @@ def validate(spec) -> None:
     require(workers % learners == 0, f"ray.num_rollout_workers={workers} must be a multiple of ray.num_learners="
             f"{learners}: each learner feeds from its own rollout workers")  # fmt: skip
     require(r.enabled or learners == 1, f"ray.enabled=false runs one learner, but ray.num_learners={learners}")
+    if r.learner_parallelism == "fsdp":
+        require(learners > 1, "ray.learner_parallelism=fsdp shards the network across learners, and ray.num_learners"
+                "=1: set ray.num_learners=2 (or more), or ray.learner_parallelism=ddp")  # fmt: skip
+        require(spec.policy.lora_rank == 0, "ray.learner_parallelism=fsdp shards a fully fine-tuned network, and "
+                f"policy.lora_rank={spec.policy.lora_rank} trains small LoRA adapters that every learner can hold: use "
+                "ray.learner_parallelism=ddp for LoRA (or policy.lora_rank=0)")  # fmt: skip
+        # the compiled network is checked against eager before training (DiffusionPolicy.compile_network), unsharded
+        require(not spec.policy.compile, "ray.learner_parallelism=fsdp runs the sharded network eager, and "
+                "policy.compile=true compiles it unsharded: set policy.compile=false, or "
+                "ray.learner_parallelism=ddp")  # fmt: skip
     require(spec.eval.num_samples % t.rollout_batch_size == 0, f"eval.num_samples={spec.eval.num_samples} must be a "
             f"multiple of trainer.rollout_batch_size={t.rollout_batch_size}")  # fmt: skip
     if module.uses_rollouts(algo):  # collection and buffer sizes matter only to algorithms that use rollouts

@@ -1,6 +1,6 @@
 """The learner: policy, optimizer, replay buffer and the epoch loop, the same in one process or in Ray Train.
 
-`Learner` is one replica (DDP across replicas when torch.distributed is initialised); `train` runs the loop
+`Learner` is one replica (DDP or FSDP across replicas when torch.distributed is initialised); `train` runs the loop
 of DESIGN.md: collect from the rollout group, add to the buffer, run the algorithm's update, publish the new
 weights with a new policy version, evaluate on fixed seeds every few epochs, checkpoint, and report.
 """
@@ -23,6 +23,7 @@ from rlft.buffer import TrajectoryBuffer
 from rlft.checkpoint import Checkpointer, due
 from rlft.envs.rewards import reward_statistics
 from rlft.evaluate import evaluation_baseline, hacking_metrics
+from rlft.fsdp import shard_policy
 from rlft.rollout import RolloutGroup, build_policy, derive_seed, set_torch_threads
 
 # (kind, payload): "metrics", "eval", "checkpoint" (committed), "weights", "replica", "start", "stopped" or "warning"
@@ -61,11 +62,15 @@ class Learner:
         self.policy, env, _ = build_policy(spec, device, "learner")
         self.policy.train()
         network = self.policy
-        if world_size > 1:
+        # FSDP: the network's blocks hold shards; their hooks gather the full parameters at every call of the policy
+        self.sharded = world_size > 1 and spec.ray.learner_parallelism == "fsdp"
+        if self.sharded:
+            shard_policy(self.policy, device)
+        elif world_size > 1:
             network = torch.nn.parallel.DistributedDataParallel(
                 self.policy, device_ids=[device.index] if device.type == "cuda" else None
             )
-        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]  # after sharding: its DTensors
         optimizer = torch.optim.AdamW(trainable, lr=self.algo.lr, weight_decay=self.algo.weight_decay)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(spec.trainer, e))
         buffer = None
@@ -74,7 +79,8 @@ class Learner:
             buffer = TrajectoryBuffer(capacity=trainer.buffer_capacity or trainer.samples_per_epoch // world_size,
                                       minibatch_size=self.algo.minibatch_size, max_staleness=trainer.max_staleness)
         generator = torch.Generator().manual_seed(derive_seed(spec.seed, 2, rank))
-        self.ctx = LearnerContext(self.policy, network, optimizer, env, buffer, generator, device, world_size)
+        self.ctx = LearnerContext(self.policy, network, optimizer, env, buffer, generator, device, world_size,
+                                  sharded=self.sharded)  # fmt: skip
         self.state = self.algorithm.make_state(self.algo)
         self.policy_version = 0
         self.eval_baseline: dict | None = None  # rank 0: the base model evaluation (evaluate.evaluation_baseline)
@@ -248,5 +254,6 @@ def train(spec, rollouts: RolloutGroup, report: Report, device: torch.device, ra
             return
         if last:
             break
+    weights = learner.policy.trainable_state_dict()  # on every replica: with FSDP gathering them is a collective
     if rank == 0:
-        report("weights", {"weights": learner.policy.trainable_state_dict(), "policy_version": learner.policy_version})
+        report("weights", {"weights": weights, "policy_version": learner.policy_version})

@@ -39,6 +39,18 @@ WORKER_ENV = {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}
 RUN_ERRORS = (ConfigError, CheckpointError, RewardError, FileNotFoundError)
 
 
+RUN_TOKEN_FILE = ".driver-token"  # written by the driver in the run folder, read back by every learner
+
+
+def check_shared_run_dir(run_dir: Path, token: str) -> None:
+    """Raise a ConfigError when this process does not see the driver's run folder (another node's local disk)."""
+    path = run_dir / RUN_TOKEN_FILE
+    if not path.is_file() or path.read_text() != token:
+        raise ConfigError(f"the learner on node {os.uname().nodename} does not see the run folder {run_dir} that the "
+                          "driver writes (its checkpoints go there): on a multi-node cluster, put logging.run_dir on "
+                          "storage every node mounts at the same path (NFS, EFS, a cluster file system)")
+
+
 class StopRun(Exception):
     """Raised in the driver to end a run with one line: an error the learners reported."""
 
@@ -81,9 +93,12 @@ def start_ray(address: str | None, num_cpus: int | None, env_vars: dict[str, str
 
 class RayCall:
     """Run actor methods concurrently, each within `timeout_s`: an actor that has not answered by then is killed,
-    Ray restarts it and retries the call (the actors' max_task_retries), up to `restarts` times. A dict argument
-    (weights) goes to the object store once, not per actor. `submit` starts the calls and `wait` collects them (the
-    learner's asynchronous collection trains in between); calling the object does both."""
+    Ray restarts it and retries the call (the actors' max_task_retries), up to `restarts` times. A call whose actor
+    became unreachable (its node lost: Ray restarts the actor elsewhere but does not retry a call that may have run)
+    is sent again, within the same budget: every rollout call is idempotent (a collection is a pure function of its
+    arguments and lands in the buffer once by its uid). A dict argument (weights) goes to the object store once, not
+    per actor. `submit` starts the calls and `wait` collects them (the learner's asynchronous collection trains in
+    between); calling the object does both."""
 
     def __init__(self, timeout_s: float = float("inf"), restarts: int = 0, warn: Callable[[str], None] = print):
         self.timeout_s, self.restarts, self.warn = timeout_s, restarts, warn
@@ -93,20 +108,36 @@ class RayCall:
 
     def submit(self, calls: list[tuple[Any, str, tuple]]) -> tuple[list, list[ray.ObjectRef]]:
         stored: dict[int, ray.ObjectRef] = {}
-        futures = []
-        for actor, method, args in calls:
-            args = tuple(stored.setdefault(id(a), ray.put(a)) if isinstance(a, dict) else a for a in args)
-            futures.append(getattr(actor, method).remote(*args))
-        return calls, futures
+        sent = [(actor, method, tuple(stored.setdefault(id(a), ray.put(a)) if isinstance(a, dict) else a
+                                      for a in args)) for actor, method, args in calls]  # fmt: skip
+        return sent, [getattr(actor, method).remote(*args) for actor, method, args in sent]
 
     def wait(self, submitted: tuple[list, list[ray.ObjectRef]]) -> list[Any]:
         """The results of submitted calls, in order; the timeout counts from now."""
-        calls, futures = submitted
+        calls, futures = submitted[0], list(submitted[1])
         timeout = None if self.timeout_s == float("inf") else self.timeout_s
         for attempt in range(self.restarts + 1):
             _, pending = ray.wait(futures, num_returns=len(futures), timeout=timeout)
             if not pending:
-                return ray.get(futures)
+                results, lost = [], []
+                for index, future in enumerate(futures):
+                    try:
+                        results.append(ray.get(future))
+                    except ray.exceptions.ActorUnavailableError:
+                        results.append(None)
+                        lost.append(index)
+                if not lost:
+                    return results
+                if attempt == self.restarts:
+                    raise RuntimeError(f"{len(lost)} rollout worker(s) stayed unreachable after {self.restarts} "
+                                       "retries (their nodes lost, and none with their resources came back); raise "
+                                       "ray.max_rollout_restarts or check the cluster's nodes")  # fmt: skip
+                self.warn(f"{len(lost)} rollout worker(s) became unreachable (a node lost?); Ray restarts them on "
+                          "another node and their calls are sent again")  # fmt: skip
+                for index in lost:
+                    actor, method, args = calls[index]
+                    futures[index] = getattr(actor, method).remote(*args)
+                continue
             if attempt == self.restarts:
                 break
             replaced = []
@@ -132,8 +163,8 @@ def start_rollout_actors(spec, worker_class: type = RolloutWorker) -> list[Any]:
     r = spec.ray
     restarts = r.max_rollout_restarts
     actor_class = ray.remote(
-        num_cpus=r.cpus_per_rollout_worker, num_gpus=r.gpus_per_rollout_worker, max_restarts=restarts,
-        max_task_retries=restarts,
+        num_cpus=r.cpus_per_rollout_worker, num_gpus=r.gpus_per_rollout_worker, resources=dict(r.rollout_resources),
+        max_restarts=restarts, max_task_retries=restarts,
     )(worker_class)  # fmt: skip
     return [actor_class.remote(spec, i) for i in range(r.num_rollout_workers)]
 
@@ -146,6 +177,7 @@ def run_with_ray(spec, report: Report, run_dir: Path, checkpointer: Checkpointer
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     init_ray(spec)
     reward_server = None
@@ -154,11 +186,18 @@ def run_with_ray(spec, report: Report, run_dir: Path, checkpointer: Checkpointer
 
         spec, reward_server = start_reward_server(spec)
     actors = start_rollout_actors(spec, worker_class)
-    queue = Queue()
+    # the reports' queue lives on the driver's node, as Ray Train's controller does: on a cluster, losing a worker
+    # node (a spot instance reclaimed) then costs the actors and learners on it, which restart, never the run
+    queue = Queue(actor_options={"scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)})  # fmt: skip
     # a stop request travels as a file in the run folder: every learner sees it (on a cluster the run folder is on
     # shared storage), and it costs no extra Ray actor
     stop_file = run_dir / ".stop"
     stop_file.unlink(missing_ok=True)
+    # the learners check that they see this run's folder (their checkpoints go there): on a cluster it has to be
+    # on storage every node mounts at the same path, and a node-local folder of the same name would lose them
+    run_token = os.urandom(8).hex()
+    (run_dir / RUN_TOKEN_FILE).write_text(run_token)
     r = spec.ray
     use_gpu = bool(r.gpus_per_learner)
 
@@ -167,11 +206,12 @@ def run_with_ray(spec, report: Report, run_dir: Path, checkpointer: Checkpointer
             learner_loop,
             # pickled here and unpickled only in the learners: Ray Train's controller process then never imports
             # rlft's layers (torch, diffusers, tensordict: seconds of CPU per process on a small machine)
-            train_loop_config={"job": pickle.dumps((spec, checkpointer, str(stop_file))), "actors": actors,
+            train_loop_config={"job": pickle.dumps((spec, checkpointer, str(stop_file), run_token)), "actors": actors,
                                "queue": queue},
             scaling_config=ScalingConfig(
                 num_workers=r.num_learners, use_gpu=use_gpu,
-                resources_per_worker={"CPU": 1, **({"GPU": r.gpus_per_learner} if use_gpu else {})},
+                resources_per_worker={"CPU": 1, **({"GPU": r.gpus_per_learner} if use_gpu else {}),
+                                      **r.learner_resources},
             ),
             run_config=RunConfig(name="learners", storage_path=str(run_dir / "ray"),
                                  failure_config=FailureConfig(max_failures=r.max_learner_failures),
@@ -206,6 +246,7 @@ def run_with_ray(spec, report: Report, run_dir: Path, checkpointer: Checkpointer
         report(kind, payload)
     thread.join()
     stop_file.unlink(missing_ok=True)
+    (run_dir / RUN_TOKEN_FILE).unlink(missing_ok=True)
     for actor in actors + ([reward_server] if reward_server else []):
         ray.kill(actor)
     if errors:

@@ -19,6 +19,7 @@ from rlft.core.flow import FlowSchedule
 from rlft.core.sampler import StepOutput, guide
 from rlft.core.schedule import DDIMSchedule
 from rlft.envs.stable_diffusion import unpack_sd3_context
+from rlft.fsdp import full, shard_like
 
 
 class DiffusionPolicy(nn.Module):
@@ -220,15 +221,18 @@ class DiffusionPolicy(nn.Module):
         return s.step(step_index, output, x_t, noise=noise, prev_sample=prev_sample, eta=eta)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights an update changes (all of them, or LoRA adapters only), detached on CPU."""
+        """The weights an update changes (all of them, or LoRA adapters only), detached on CPU; full tensors also when
+        the network is sharded (FSDP learners: then every replica must call it at once, rlft.fsdp)."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k in trainable}
+        return {k: full(v).detach().cpu().clone() for k, v in self.state_dict().items() if k in trainable}
 
     def load_trainable_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
-        missing = set(weights) - set(self.state_dict())
+        """Load full tensors (a publish, a checkpoint); a sharded network keeps this replica's shard of each."""
+        current = self.state_dict()
+        missing = set(weights) - set(current)
         if missing:
             raise KeyError(f"weights for parameters this policy does not have: {sorted(missing)[:5]}")
-        self.load_state_dict(weights, strict=False)
+        self.load_state_dict({k: shard_like(v, current[k]) for k, v in weights.items()}, strict=False)
 
 
 def has_adapters(module: nn.Module) -> bool:

@@ -78,10 +78,19 @@ class RaySpec:
     address: str | None = knob(None, "Ray cluster to join; null = $RAY_ADDRESS when set, else a new local Ray")
     num_cpus: int | None = knob(None, "logical CPUs of a new local Ray; null = max(4, cores)", ge=1)
     num_rollout_workers: int = knob(2, "rollout actors collecting in parallel; a multiple of num_learners", ge=1)
-    num_learners: int = knob(1, "Ray Train workers running the update in DDP", ge=1)
+    num_learners: int = knob(1, "Ray Train workers running the update together (see learner_parallelism)", ge=1)
+    learner_parallelism: str = knob("ddp", "how learners share the update: ddp (each holds the whole network) or fsdp "
+                                    "(parameters, gradients and optimizer state sharded across them: torch FSDP2, "
+                                    "for full fine-tuning of networks too large for one device)",
+                                    choices=("ddp", "fsdp"))  # fmt: skip
     cpus_per_rollout_worker: float = knob(1.0, "logical CPUs reserved per rollout actor", ge=0)
     gpus_per_rollout_worker: float = knob(0.0, "GPUs (fractions allowed) per rollout actor", ge=0)
     gpus_per_learner: float = knob(0.0, "GPUs per learner; > 0 makes Ray Train use CUDA and NCCL", ge=0)
+    rollout_resources: dict[str, float] = knob({}, "custom Ray resources each rollout actor also takes (a node "
+                                               "label: ray.rollout_resources.rollout_node=1 keeps them on the "
+                                               "nodes that offer it)", ge=0)  # fmt: skip
+    learner_resources: dict[str, float] = knob({}, "custom Ray resources each learner also takes (Ray Train's "
+                                               "resources_per_worker), as ray.rollout_resources", ge=0)  # fmt: skip
     rollout_threads: int | None = knob(None, "torch threads per rollout worker; null = cores / num_rollout_workers",
                                        ge=1)  # fmt: skip
     learner_threads: int | None = knob(None, "torch threads per learner; null = cores / num_learners", ge=1)

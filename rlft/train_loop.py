@@ -19,10 +19,10 @@ def learner_loop(config: dict) -> None:
     import torch
 
     from rlft.learner import train
-    from rlft.pipeline import RUN_ERRORS, RayCall, error_message, share_weights
+    from rlft.pipeline import RUN_ERRORS, RayCall, check_shared_run_dir, error_message, share_weights
     from rlft.rollout import RolloutGroup
 
-    spec, checkpointer, stop_file = pickle.loads(config["job"])
+    spec, checkpointer, stop_file, run_token = pickle.loads(config["job"])
     stop_file = Path(stop_file)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -38,6 +38,7 @@ def learner_loop(config: dict) -> None:
     rollouts = RolloutGroup(actors[rank * per_learner : (rank + 1) * per_learner], call, share_weights)
     device = ray.train.torch.get_device() if r.gpus_per_learner else torch.device("cpu")
     try:
+        check_shared_run_dir(stop_file.parent, run_token)
         train(spec, rollouts, report, device, rank, world_size, checkpointer, stop_requested=stop_file.exists)
     except RUN_ERRORS as error:
         queue.put(("error", {"message": error_message(error)}))

@@ -292,7 +292,7 @@ def trial_resources(sweep: dict):
     def resources(params: dict) -> PlacementGroupFactory:
         r = compose(trial_overrides(sweep["overrides"], params)).ray
         actor = {"CPU": r.cpus_per_rollout_worker, **({"GPU": r.gpus_per_rollout_worker} if r.gpus_per_rollout_worker
-                                                      else {})}  # fmt: skip
+                                                      else {}), **r.rollout_resources}  # fmt: skip
         return PlacementGroupFactory([driver] + [actor] * r.num_rollout_workers)
 
     return resources

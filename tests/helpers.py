@@ -1,8 +1,13 @@
 """Shared test helpers: composed specs on the tiny random DDPM, and the driver run as a user runs it."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 from rlft.config import compose
 
@@ -26,3 +31,30 @@ def run_rlft(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                             timeout=timeout, env=env)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a run's .jsonl file (metrics, replicas), none while it does not exist yet."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_with_fault(command: list[str], fault: Callable[[], bool], timeout_s: float = 480, cwd: Path | None = None,
+                   env: dict | None = None) -> str:  # fmt: skip
+    """Run `command` (an rlft run, offline, never a cluster from the environment) and call `fault()` every 0.05 s
+    until it returns True (it strikes once, when the run got where it wants); fails the test unless the run exits 0
+    after the fault struck. Returns the run's output."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", **(env or {})}
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                               text=True, start_new_session=True)  # fmt: skip
+    struck, deadline = False, time.monotonic() + timeout_s
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            struck = struck or fault()
+            time.sleep(0.05)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-4000:]
+    assert struck, f"the fault never struck: {output[-4000:]}"
+    return output

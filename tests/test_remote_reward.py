@@ -1,14 +1,13 @@
 """ray.remote_reward=true: the reward scores in its own Ray actor; envs keep calling a plain Reward. A reward actor
 that dies or hangs is replaced and the run goes on."""
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from rlft.config import ConfigError, compose, validate
 from rlft.envs.rewards import evaluate_reward, make_reward
+from tests.helpers import read_jsonl
 
 
 def test_a_remote_reward_needs_ray():
@@ -44,10 +43,6 @@ def test_the_reward_actor_scores_like_the_local_reward(tiny_model_dir):
             batch["context"])))  # fmt: skip
     finally:
         ray.shutdown()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.slow

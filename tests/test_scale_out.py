@@ -1,14 +1,11 @@
 """Many workers and their faults, through real Ray: DDP learners in sync, a learner and a rollout actor dying, a
 rollout actor hanging."""
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import ray
@@ -18,13 +15,9 @@ from rlft.checkpoint import Checkpoint, committed
 from rlft.learner import Learner
 from rlft.pipeline import RayCall, fit_learners, init_ray, share_weights, start_rollout_actors
 from rlft.rollout import RolloutGroup, RolloutWorker, derive_seed
-from tests.helpers import TINY_OVERRIDES, tiny_cfg
+from tests.helpers import TINY_OVERRIDES, read_jsonl, run_with_fault, tiny_cfg
 
 pytestmark = pytest.mark.slow
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_two_learners_stay_identical_consume_each_batch_once_and_survive_a_learner_death(tiny_model_dir, tmp_path):
@@ -35,24 +28,16 @@ def test_two_learners_stay_identical_consume_each_batch_once_and_survive_a_learn
                "ray.learner_threads=1", "logging.wandb=disabled", "logging.progress=false", f"trainer.epochs={epochs}",
                "trainer.checkpoint_every=1", "ray.num_learners=2", "ray.num_rollout_workers=2", "ray.num_cpus=6",
                "ray.max_learner_failures=1"]  # fmt: skip
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                               start_new_session=True)  # fmt: skip
-    killed_pid, deadline = None, time.monotonic() + 400
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            if killed_pid is None:  # kill learner rank 1 once, after it finished epoch 2 (a checkpoint follows)
-                ready = [r for r in read_jsonl(run_dir / "replicas.jsonl") if r["rank"] == 1 and r["epoch"] == 2]
-                if ready:
-                    killed_pid = ready[0]["pid"]
-                    os.kill(killed_pid, signal.SIGKILL)
-            time.sleep(0.05)
-        output = process.communicate(timeout=30)[0]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, output[-4000:]
-    assert killed_pid is not None
+    killed: list[int] = []
+
+    def kill_rank_1() -> bool:  # learner rank 1, once, after it finished epoch 2 (a checkpoint follows)
+        ready = [r for r in read_jsonl(run_dir / "replicas.jsonl") if r["rank"] == 1 and r["epoch"] == 2]
+        if ready:
+            killed.append(ready[0]["pid"])
+            os.kill(ready[0]["pid"], signal.SIGKILL)
+        return bool(ready)
+
+    run_with_fault(command, kill_rank_1, timeout_s=400)
 
     records = read_jsonl(run_dir / "replicas.jsonl")
     pids = {(r["rank"], r["pid"]) for r in records}

@@ -236,6 +236,25 @@ def test_a_failed_trial_fails_the_sweep_and_a_rerun_retries_it(tiny_model_dir, t
     assert [json.loads(line)["epoch"] for line in (Path(table["run_dir"][0]) / "metrics.jsonl").open()][-1] == 1
 
 
+@pytest.mark.slow
+def test_asha_stops_the_trials_below_the_rungs_cutoff_after_the_grace_period(tiny_model_dir, tmp_path):
+    # the metric is the trial's own learning rate (reported every epoch, known before it runs), so which trials ASHA
+    # must stop is decided in advance: one trial at a time, in grid order; the first sets the rungs (epochs 1 and 2),
+    # every later one is below the rung's cutoff (its 50th percentile, reduction factor 2) at epoch 1
+    sweep_file = write_sweep(tmp_path / "asha.yaml", overrides=[
+        f"env.base_model={tiny_model_dir}", *TINY_TRIALS, "trainer.epochs=3", "ray.enabled=false",
+    ], search_space={"algo.lr": {"grid": [1.0e-3, 1.0e-4, 1.0e-5]}}, metric="train/lr",
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}, max_concurrent_trials=1)  # fmt: skip
+    result = run_tune([str(sweep_file), "storage_path=sweeps"], tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    table = pd.read_csv(tmp_path / "sweeps" / "asha" / "results.csv")
+    assert list(table["algo.lr"]) == [1.0e-3, 1.0e-4, 1.0e-5]  # ranked by the metric
+    assert list(table["status"]) == ["done", "stopped", "stopped"] and list(table["epochs"]) == [3, 1, 1]
+    for row in table.to_dict(orient="records"):  # a stopped trial's run ends where ASHA stopped it
+        assert list(metric_lines(Path(row["run_dir"]), "policy_version")) == list(range(1, row["epochs"] + 1))
+    assert "rlft.tune: 2 trial(s) stopped before their last epoch" in result.stdout
+
+
 def metric_lines(run_dir: Path, key: str) -> dict:
     """epoch -> `key` in a run's metrics.jsonl"""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -20,7 +20,8 @@ Number = int | float
 def knob(default: Any, doc: str, *, ge: Number | None = None, gt: Number | None = None, le: Number | None = None,
          lt: Number | None = None, choices: tuple | None = None) -> Any:  # fmt: skip
     """A dataclass field with its comment and limits (`ge` >=, `gt` >, `le` <=, `lt` <, `choices`). Limits apply to
-    every element of a list-valued key; None (for optional keys) is always accepted."""
+    every element of a list-valued key and every value of a dict-valued one; None (for optional keys) is always
+    accepted."""
     metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -52,6 +53,9 @@ def type_words(annotation: Any) -> str:
     if typing.get_origin(inner) is list:
         (element,) = typing.get_args(inner) or (Any,)
         words = "a list of " + LIST_WORDS.get(element, "values")
+    elif typing.get_origin(inner) is dict:
+        _, element = typing.get_args(inner) or (str, Any)
+        words = "a mapping of names to " + LIST_WORDS.get(element, "values")
     else:
         words = TYPE_WORDS.get(inner, "a value")
     if nullable:
@@ -83,8 +87,8 @@ def accepted(field: dataclasses.Field, annotation: Any) -> str:
 def in_range(value: Any, meta: dict) -> bool:
     if value is None:
         return True
-    if isinstance(value, list):
-        return all(in_range(v, meta) for v in value)
+    if isinstance(value, list | dict):
+        return all(in_range(v, meta) for v in (value.values() if isinstance(value, dict) else value))
     if meta.get("choices") is not None and value not in meta["choices"]:
         return False
     checks = (("ge", lambda v, b: v >= b), ("gt", lambda v, b: v > b), ("le", lambda v, b: v <= b),
