@@ -15,8 +15,10 @@ so `rlft.config.validate` refuses a reward that cannot work with an env before a
 
 from __future__ import annotations
 
+import base64
 import importlib
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -254,6 +256,93 @@ class DigitReward(RewardConfig):
             return classifier.features(images.float())  # [B, 128] penultimate embedding
 
         return Reward(self.name, log_prob_target, True, describe, features)
+
+
+# ---- a scorer behind HTTP (outside the cluster: a VLM judge, a reward server) ----
+# The protocol, both sides in this project (the service: python -m rlft.reward_service): a POST of JSON
+#   {"images": base64 of a .npy uint8 array [B, H, W, C], "prompts": [B strings] (when the reward needs them)}
+# answered by {"scores": [B numbers]}. Arrays travel as .npy bytes read with allow_pickle=False: nothing is unpickled.
+def encode_images(images: torch.Tensor) -> str:
+    """[B, C, H, W] in [-1, 1] -> base64 of the .npy bytes of the uint8 array [B, H, W, C]."""
+    buffer = io.BytesIO()
+    np.save(buffer, to_uint8(images), allow_pickle=False)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_images(text: str) -> torch.Tensor:
+    """The inverse of `encode_images`, as the float images [B, C, H, W] in [-1, 1] a reward scores."""
+    array = np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False)
+    if array.dtype != np.uint8 or array.ndim != 4:
+        raise RewardError(f"images must be a uint8 array [B, H, W, C], not {array.dtype} of shape {array.shape}")
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def post_json(url: str, payload: dict, timeout_s: float, retries: int) -> dict:
+    """POST `payload` as JSON and return the JSON answer; connection failures and 5xx answers are retried."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            if error.code < 500 or attempt == retries:
+                detail = error.read().decode(errors="replace")[:300]
+                raise RewardError(f"reward=http: {url} answered {error.code}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            if attempt == retries:
+                reason = getattr(error, "reason", error)
+                raise RewardError(f"reward=http: no answer from {url} ({reason}) after {retries + 1} tries; start the "
+                                  "reward service (python -m rlft.reward_service) or fix reward.url") from None
+        time.sleep(min(2.0**attempt, 10.0))
+    raise AssertionError("unreachable")
+
+
+@register_reward
+@dataclass
+class HttpReward(RewardConfig):
+    """Scores from an HTTP service (the protocol above); the images go as uint8, so it is not differentiable."""
+
+    name: str = knob("http", "reward registry key (reward=<name>)")
+    url: str = knob("", "the service's scoring endpoint, e.g. http://scorer.internal:8000/score")
+    needs: list[str] = knob([], "context keywords it sends: prompts (text-to-image envs)", choices=("prompts",))
+    batch_size: int = knob(64, "images per request (bounds a request's size)", ge=1)
+    timeout_s: float = knob(120.0, "seconds one request may take", gt=0)
+    retries: int = knob(2, "a request that fails to connect or gets a 5xx answer is sent again this often", ge=0)
+
+    def accepts(self) -> Accepts:
+        return Accepts(needs=tuple(self.needs))
+
+    def check(self) -> None:
+        from urllib.parse import urlparse
+
+        if urlparse(self.url).scheme not in ("http", "https") or not urlparse(self.url).hostname:
+            raise RewardError(f"reward=http needs reward.url=http(s)://host:port/path, not {self.url!r} (the service: "
+                              "python -m rlft.reward_service reward=<name> --port 8000)")  # fmt: skip
+
+    def build(self, device: str | torch.device = "cpu") -> Reward:
+        self.check()
+        config = self
+
+        def score(images: torch.Tensor, **context) -> torch.Tensor:
+            scores = []
+            for start in range(0, len(images), config.batch_size):
+                chunk = images[start : start + config.batch_size]
+                payload = {"images": encode_images(chunk)}
+                if "prompts" in config.needs:
+                    payload["prompts"] = list(context["prompts"][start : start + config.batch_size])
+                answer = post_json(config.url, payload, config.timeout_s, config.retries)
+                values = answer.get("scores") if isinstance(answer, dict) else None
+                if not isinstance(values, list) or len(values) != len(chunk):
+                    raise RewardError(f"reward=http: {config.url} must answer {{\"scores\": [{len(chunk)} numbers]}} "
+                                      f"for {len(chunk)} images, not {str(answer)[:200]}")  # fmt: skip
+                scores.append(torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float32))
+            return torch.cat(scores).to(images.device)
+
+        return Reward(f"http:{self.url}", score, False)
 
 
 # ---- your own reward, by import path ----

@@ -44,7 +44,8 @@ COMMIT_MARKER = "COMMITTED"
 OPERATIONAL_KEYS = ("logging", "resume", "trainer.checkpoint_every", "trainer.keep_checkpoints", "ray.address",
                     "ray.num_cpus", "ray.max_rollout_restarts", "ray.max_learner_failures", "ray.collect_timeout_s",
                     "ray.reward_timeout_s", "ray.max_reward_restarts", "ray.rollout_resources",
-                    "ray.learner_resources",
+                    "ray.learner_resources", "ray.reward_actors",
+                    "ray.reward_batch_window_s",
                     # DDP and FSDP learners write the same checkpoint (full weights, full optimizer state)
                     "ray.learner_parallelism")  # fmt: skip
 PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ opcode, zip (torch.save's container)

@@ -180,11 +180,11 @@ def run_with_ray(spec, report: Report, run_dir: Path, checkpointer: Checkpointer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     init_ray(spec)
-    reward_server = None
+    reward_actors = []
     if spec.ray.remote_reward:  # the reward model in its own actor, started before the actors that call it
         from rlft.remote_reward import start_reward_server
 
-        spec, reward_server = start_reward_server(spec)
+        spec, reward_actors = start_reward_server(spec)
     actors = start_rollout_actors(spec, worker_class)
     # the reports' queue lives on the driver's node, as Ray Train's controller does: on a cluster, losing a worker
     # node (a spot instance reclaimed) then costs the actors and learners on it, which restart, never the run
@@ -247,7 +247,7 @@ def run_with_ray(spec, report: Report, run_dir: Path, checkpointer: Checkpointer
     thread.join()
     stop_file.unlink(missing_ok=True)
     (run_dir / RUN_TOKEN_FILE).unlink(missing_ok=True)
-    for actor in actors + ([reward_server] if reward_server else []):
+    for actor in actors + reward_actors:
         ray.kill(actor)
     if errors:
         raise StopRun(errors[0])

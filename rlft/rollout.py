@@ -43,16 +43,16 @@ def set_torch_threads(spec, role: str) -> None:
     torch.set_num_threads(int(threads))
 
 
-def make_reward(spec, device: torch.device):
-    """The run's reward: built here, or a handle on the run's reward actor (ray.remote_reward)."""
+def make_reward(spec, device: torch.device, worker_index: int = 0):
+    """The run's reward: built here, or a handle on the pool's reward actor for this worker (ray.remote_reward)."""
     if spec.ray.remote_reward:
         from rlft.remote_reward import remote_reward
 
-        return remote_reward(spec)
+        return remote_reward(spec, worker_index)
     return spec.reward.build(device)
 
 
-def build_policy(spec, device: torch.device, role: str = "learner", evaluation: bool = False):
+def build_policy(spec, device: torch.device, role: str = "learner", evaluation: bool = False, worker_index: int = 0):
     """(policy, env, eval_env) for a "learner" or a "rollout" worker: the base network as a policy, a batched env
     of `rollout_batch_size` samples sharing its schedule, and the env evaluations run in (held-out cases or prompts).
 
@@ -60,7 +60,7 @@ def build_policy(spec, device: torch.device, role: str = "learner", evaluation: 
     frozen base model in this role keeps a reference (rlft.policy). With `policy.compile`, the compiled network is
     checked against eager on the env's first observation (and, for learners, so are the gradients)."""
     algorithm = load_algorithm(spec.algo.name)
-    reward = make_reward(spec, device)
+    reward = make_reward(spec, device, worker_index)
     batch = spec.trainer.rollout_batch_size
     env = spec.env.make_env(reward, batch, device)
     eval_env = spec.env.make_env(reward, batch, device, evaluation=True) if evaluation else None
@@ -91,7 +91,8 @@ class RolloutWorker:
         self.worker_index = worker_index
         self.spec = spec
         self.algorithm = load_algorithm(spec.algo.name)
-        self.policy, self.env, self.eval_env = build_policy(spec, self.device, "rollout", evaluation=True)
+        self.policy, self.env, self.eval_env = build_policy(spec, self.device, "rollout", evaluation=True,
+                                                                   worker_index=worker_index)
         self.policy.eval().requires_grad_(False)
         # the evaluation judge: a scorer the update never sees (rlft.envs.judge for digits), or none
         self.judge = None if spec.judge.name == "none" else spec.judge.build(self.device)

@@ -102,13 +102,18 @@ class RaySpec:
                                     "replaced", gt=0)  # fmt: skip
     remote_reward: bool = knob(False, "score rewards in the run's own Ray actor (heavy reward models stay out of "
                                "the rollout workers; no gradients)")  # fmt: skip
-    reward_gpus: float = knob(0.0, "GPUs (fractions allowed) of the reward actor; 0 = it runs on CPU", ge=0)
+    reward_actors: int = knob(1, "reward actors in the pool (ray.remote_reward); rollout worker i calls actor i "
+                              "mod reward_actors, which scores the calls arriving together as one batch", ge=1)
+    reward_gpus: float = knob(0.0, "GPUs (fractions allowed) of each reward actor; 0 = they run on CPU", ge=0)
+    reward_batch_window_s: float = knob(0.005, "a reward actor waits this long after a call for others to batch "
+                                        "with it", ge=0)  # fmt: skip
     reward_batch_size: int = knob(32, "images the reward actor scores at once (bounds its memory)", ge=1)
     reward_timeout_s: float = knob(300.0, "seconds a reward call may take before the reward actor counts as hung "
                                    "and is replaced", gt=0)  # fmt: skip
     max_reward_restarts: int = knob(3, "a crashed or hung reward actor is restarted (its call retried) this often",
                                     ge=0)  # fmt: skip
-    reward_actor: str | None = knob(None, "set by rlft when it starts the reward actor (its name); leave null")
+    reward_actor: str | None = knob(None, "set by rlft when it starts the reward actors (their names' prefix); "
+                                    "leave null")  # fmt: skip
 
 
 @dataclass

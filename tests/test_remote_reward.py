@@ -7,7 +7,7 @@ import torch
 
 from rlft.config import ConfigError, compose, validate
 from rlft.envs.rewards import evaluate_reward, make_reward
-from tests.helpers import read_jsonl
+from tests.helpers import read_jsonl, tiny_cfg
 
 
 def test_a_remote_reward_needs_ray():
@@ -21,12 +21,11 @@ def test_the_reward_actor_scores_like_the_local_reward(tiny_model_dir):
 
     from rlft.remote_reward import remote_reward, start_reward_server
     from rlft.rollout import RolloutWorker
-    from tests.helpers import tiny_cfg
 
     cfg = tiny_cfg(tiny_model_dir, "reward.target=7", "ray.remote_reward=true", "ray.reward_batch_size=3")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        cfg, actor = start_reward_server(cfg)
+        cfg, actors = start_reward_server(cfg)  # (kept: an actor without a handle is gone)
         remote = remote_reward(cfg)
         images = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
         local = make_reward("digit", target=7)
@@ -41,6 +40,32 @@ def test_the_reward_actor_scores_like_the_local_reward(tiny_model_dir):
         batch = worker.collect(0, seed=0, n=8)
         torch.testing.assert_close(batch["reward"], local(batch["latents"][:, -1], **worker.env.reward_context(
             batch["context"])))  # fmt: skip
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_pool_of_reward_actors_serves_its_workers_and_batches_the_calls_that_arrive_together(tiny_model_dir):
+    import ray
+
+    from rlft.remote_reward import remote_reward, start_reward_server
+
+    # a window of 1 s: the three calls sent at once below arrive within it, however busy the machine
+    cfg = tiny_cfg(tiny_model_dir, "ray.remote_reward=true", "ray.reward_actors=2", "ray.reward_batch_window_s=1")
+    ray.init(num_cpus=3, include_dashboard=False)
+    try:
+        cfg, actors = start_reward_server(cfg)
+        images = [torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(n)) * 2 - 1 for n in (3, 5, 4)]
+        # three calls sent at once to one actor: scored as one batch, each caller gets its own rows' scores
+        scores = ray.get([actors[0].score.remote(batch, {}) for batch in images])
+        local = make_reward("digit")
+        for batch, values in zip(images, scores, strict=True):
+            torch.testing.assert_close(values, local(batch))
+        assert ray.get(actors[0].stats.remote()) == {"calls": 3, "batches": 1}
+        # rollout workers 0, 1, 2 call actors 0, 1, 0
+        for worker in range(3):
+            remote_reward(cfg, worker)(images[0])
+        assert [ray.get(a.stats.remote())["calls"] for a in actors] == [3 + 2, 1]
     finally:
         ray.shutdown()
 
