@@ -410,8 +410,11 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
             if distributed:
                 torch.distributed.barrier()
-            # the full weights and optimizer state, on every replica: gathering an FSDP learner's is a collective
-            shared = learner.policy.trainable_state_dict(), full_state(learner.ctx.optimizer.state_dict())
+            # the full weights and optimizer state for rank 0 to write: gathering an FSDP learner's is a collective
+            # every replica joins; a DDP replica holds them whole, so only rank 0 copies them
+            shared = None
+            if learner.rank == 0 or learner.ctx.sharded:
+                shared = learner.policy.trainable_state_dict(), full_state(learner.ctx.optimizer.state_dict())
             tensors: dict[str, torch.Tensor] = {}
             plain = split_tensors(replica_state(learner), tensors)
             _write_tensors(tmp / f"rank_{learner.rank}.safetensors", tensors)

@@ -63,8 +63,8 @@ class Learner:
         self.policy.train()
         network = self.policy
         # FSDP: the network's blocks hold shards; their hooks gather the full parameters at every call of the policy
-        self.sharded = world_size > 1 and spec.ray.learner_parallelism == "fsdp"
-        if self.sharded:
+        sharded = world_size > 1 and spec.ray.learner_parallelism == "fsdp"
+        if sharded:
             shard_policy(self.policy, device)
         elif world_size > 1:
             network = torch.nn.parallel.DistributedDataParallel(
@@ -80,7 +80,7 @@ class Learner:
                                       minibatch_size=self.algo.minibatch_size, max_staleness=trainer.max_staleness)
         generator = torch.Generator().manual_seed(derive_seed(spec.seed, 2, rank))
         self.ctx = LearnerContext(self.policy, network, optimizer, env, buffer, generator, device, world_size,
-                                  sharded=self.sharded)  # fmt: skip
+                                  sharded=sharded)  # fmt: skip
         self.state = self.algorithm.make_state(self.algo)
         self.policy_version = 0
         self.eval_baseline: dict | None = None  # rank 0: the base model evaluation (evaluate.evaluation_baseline)
