@@ -160,8 +160,6 @@ def update(ctx: LearnerContext, cfg: Config, state: GRPOState) -> dict[str, floa
     """`inner_epochs` reshuffled passes over the epoch's groups, one optimizer step per minibatch, on this epoch's
     window of steps."""
     steps = window_steps(ddpo.trained_steps(ctx.policy.schedule, cfg.min_step_std), state.epoch, cfg)
-    proximal = ddpo.proximal_log_probs(ctx, steps)  # stale data: the decoupled objective (algorithms/ddpo.py)
-    step_metrics = [ddpo.train_step(ctx, minibatch, cfg, steps=steps, prefix="grpo", proximal=proximal)
-                    for _ in range(cfg.inner_epochs) for minibatch in ctx.minibatches()]  # fmt: skip
+    step_metrics = ddpo.update_passes(ctx, cfg, steps, "grpo")  # stale data: the decoupled objective (DDPO's)
     state.epoch += 1
     return {**mean_over_steps(step_metrics), "grpo/window_start": float(steps[0])}

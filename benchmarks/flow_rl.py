@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cli_run import arm_parser, timed_run, write_results
 
-ARMS = {"grpo": ["algo=grpo"], "nft": ["algo=nft"], "ddpo": ["algo=ddpo"]}
+ARMS = {"grpo": ["algo=grpo"], "nft": ["algo=nft"], "ddpo": ["algo=ddpo", "trainer.epochs=80"]}
 COMMON = ["env=digits_flow", "eval.num_samples=256", "eval.every=5", "trainer.rollout_batch_size=32",
           "logging.wandb=disabled", "logging.progress=false", "ray.enabled=false"]  # fmt: skip
 TARGET = 0.8

@@ -329,9 +329,6 @@ ALGO_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # .json, epoch 50): judge 0.84 3s at confidence 0.942 (base 0.955), within-class diversity 0.864. Not the
     # Config's defaults: algo.aux_data is the digits train split, which fits no other env.
     "digits": {"draft": {"aux_loss_weight": 0.3, "kl_weight": 0.03, "epochs": 50}},
-    # the flow grid's last stochastic step (into t = 0.001, std 0.001) swamps DDPO's gradient as it does GRPO's
-    # (algorithms/grpo.py: min_step_std); DDPO's own default keeps every step, as published for DDPMs
-    "digits_flow": {"ddpo": {"min_step_std": 0.01}},
 }
 
 

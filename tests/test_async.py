@@ -1,6 +1,7 @@
 """trainer.async_rollouts: the next epoch's collection runs while this epoch trains, so every update after the first
 trains on data one policy version old, each batch ingested once; the same off Ray and through real Ray."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def test_stale_data_is_clipped_against_the_proximal_policy_and_weighted_by_the_b
     cfg = tiny_cfg(tiny_model_dir, "algo.minibatch_size=16", "trainer.rollout_batch_size=16", "trainer.max_staleness=1")
     learner = Learner(cfg, torch.device("cpu"))
     learner.ingest([("v0", RolloutWorker(cfg).collect(0, seed=7, n=16))])
-    ctx, steps = learner.ctx, ddpo.trained_steps(learner.policy.schedule, 0.0)
+    ctx, steps = learner.ctx, ddpo.trained_steps(learner.policy.schedule, learner.algo.min_step_std)
     assert ddpo.proximal_log_probs(ctx, steps) is None  # on-policy: nothing to compute
     minibatch = next(iter(learner.buffer.minibatches()))
     ddpo.train_step(ctx, minibatch, learner.algo)  # the weights move on: version 1
@@ -73,11 +74,41 @@ def test_stale_data_is_clipped_against_the_proximal_policy_and_weighted_by_the_b
     stored = learner.buffer.contents()
     with torch.no_grad():
         expected = ctx.policy.step(stored["latents"][:, 2], 2, stored["context"], prev_sample=stored["latents"][:, 3])
-    torch.testing.assert_close(proximal[:, 2], expected.log_prob)
+    torch.testing.assert_close(proximal.log_probs[:, 2], expected.log_prob)
     decoupled = ddpo.train_step(ctx, minibatch, learner.algo, proximal=proximal)
     assert decoupled["ddpo/ratio"] == 1.0 and decoupled["ddpo/clip_fraction"] == 0.0
-    weights = torch.exp(proximal[minibatch["index"]][:, steps] - minibatch["log_prob"][:, steps])
+    weights = torch.exp(proximal.log_probs[minibatch["index"]][:, steps] - minibatch["log_prob"][:, steps])
     expected_weight = weights.clamp(max=ddpo.BEHAVIOUR_WEIGHT_CAP).mean().item()
     assert decoupled["ddpo/behaviour_weight"] == pytest.approx(expected_weight, rel=1e-5)
     plain = ddpo.train_step(ctx, minibatch, learner.algo)  # PPO against the behaviour policy, two updates stale
     assert plain["ddpo/clip_fraction"] > 0.5
+
+
+def test_the_first_minibatch_takes_its_proximal_log_probs_from_its_own_forward(tiny_model_dir):
+    """The update's first minibatch trains before the weights move, so its forward is the proximal policy's: taking
+    those log-probabilities from it (not from the no-grad pass) gives the same values, the same update and the same
+    weights, with that minibatch's share of the pass saved."""
+    cfg = tiny_cfg(tiny_model_dir, "algo.minibatch_size=8", "trainer.rollout_batch_size=16", "trainer.max_staleness=1")
+    learner = Learner(cfg, torch.device("cpu"))
+    learner.ingest([("v0", RolloutWorker(cfg).collect(0, seed=7, n=16))])
+    ctx, steps = learner.ctx, ddpo.trained_steps(learner.policy.schedule, learner.algo.min_step_std)
+    ddpo.train_step(ctx, next(iter(learner.buffer.minibatches())), learner.algo)  # the weights move on: version 1
+    ctx.policy_version = 1
+    first = next(iter(learner.buffer.minibatches()))
+    every_row = ddpo.proximal_log_probs(ctx, steps)
+    shortcut = ddpo.proximal_log_probs(ctx, steps, first)
+    assert every_row.pending is None and int(shortcut.pending.sum()) == 8
+    assert not torch.equal(shortcut.log_probs[first["index"]][:, steps], every_row.log_probs[first["index"]][:, steps])
+    start = ({k: v.clone() for k, v in ctx.policy.state_dict().items()}, ctx.generator.get_state())
+    optimizer_start = copy.deepcopy(ctx.optimizer.state_dict())  # (its tensors are updated in place)
+    results = []
+    for proximal in (every_row, shortcut):
+        ctx.policy.load_state_dict(start[0])
+        ctx.generator.set_state(start[1])
+        ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_start))
+        metrics = ddpo.train_step(ctx, first, learner.algo, steps, proximal=proximal)
+        results.append((metrics, {k: v.clone() for k, v in ctx.policy.state_dict().items()}))
+    torch.testing.assert_close(shortcut.log_probs, every_row.log_probs, atol=1e-5, rtol=1e-5)
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-4, abs=1e-6)
+    for name, value in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], value, atol=1e-6, rtol=1e-5)

@@ -120,11 +120,11 @@ def test_stacked_timesteps_give_the_same_gradient(tiny_model_dir):
 
 
 def kl_to_base_by_hand(policy, base_unet, batch) -> float:
-    """Mean over the batch and every stochastic step of KL(N(mean_policy, std^2) || N(mean_base, std^2)) per
+    """Mean over the batch and every trained step of KL(N(mean_policy, std^2) || N(mean_base, std^2)) per
     dimension, with the base model's mean from the network loaded afresh from disk (torch.distributions' KL)."""
     schedule, kls = policy.schedule, []
     with torch.no_grad():
-        for k in schedule.stochastic_steps.tolist():
+        for k in ddpo.trained_steps(schedule, ddpo.Config().min_step_std).tolist():
             x_t, x_prev, context = batch["latents"][:, k], batch["latents"][:, k + 1], batch["context"]
             ours = policy.step(x_t, k, context, prev_sample=x_prev)
             t = schedule.timesteps[k].expand(len(x_t))

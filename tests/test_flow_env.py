@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from rlft.algorithms import grpo, nft
+from rlft.algorithms import ddpo, grpo, nft
 from rlft.core.flow import MEMORYLESS_NOISE_SCALE, FlowSchedule
 from rlft.core.schedule import DDIMSchedule
 from rlft.envs.denoising import DenoisingEnv
@@ -119,12 +119,13 @@ def test_the_mixgrpo_window_slides_from_the_noisy_end_and_wraps():
 
 
 def test_the_ratio_skips_near_deterministic_steps_below_min_step_std():
-    """The shipped flow's 10-step memoryless grid ends 0.112 -> 0.001 (std 0.001) -> 0 (deterministic): GRPO's
-    default min_step_std = 0.01 trains steps 0..7; 0 keeps every stochastic step (DDPO's published choice)."""
+    """The shipped flow's 10-step memoryless grid ends 0.112 -> 0.001 (std 0.001) -> 0 (deterministic): GRPO's and
+    DDPO's default min_step_std = 0.01 trains steps 0..7; 0 keeps every stochastic step (DDPO's published choice)."""
     from rlft.algorithms.ddpo import trained_steps
 
     schedule = preset("digits_flow").schedule()
     assert schedule.std[8] < 0.01 < schedule.std[7]
+    assert grpo.Config().min_step_std == ddpo.Config().min_step_std
     assert torch.equal(trained_steps(schedule, grpo.Config().min_step_std), torch.arange(8))
     assert torch.equal(trained_steps(schedule, 0.0), torch.arange(9))
     with pytest.raises(ValueError, match="lower algo.min_step_std or raise env.eta"):

@@ -123,8 +123,8 @@ def cell_overrides(algo: str, env: str, reward: str, models: dict[str, Path]) ->
                       "image_reward" else [f"judge.model={models['image_reward']}",
                                            f"judge.tokenizer={models['image_reward_tokenizer']}"])  # fmt: skip
     # 2 steps end with a stochastic step onto t ~ 0 (flows: 1 -> 0.001 -> 0; DDIM: 500 -> 0 -> x_0), of std below
-    # GRPO's min_step_std: GRPO, and every algorithm on the flows, get a step more
-    steps = ["env.num_inference_steps=3"] if env in FLOW_ENVS or algo == "grpo" else []
+    # DDPO's and GRPO's min_step_std: they, and every algorithm on the flows, get a step more
+    steps = ["env.num_inference_steps=3"] if env in FLOW_ENVS or algo in ("ddpo", "grpo") else []
     return [f"algo={algo}", f"env={env}", f"reward={reward}", *env_keys, *reward_keys, *judge_keys, *TINY, *steps,
             *ALGO_OVERRIDES[algo]]
 
