@@ -229,11 +229,13 @@ def train(spec, rollouts: RolloutGroup, report: Report, device: torch.device, ra
             metrics = {**learner.ingest(batches), "buffer/staleness": float(staleness)}
         collected = time.perf_counter()
         metrics.update(learner.update())
+        updated = time.perf_counter()
         rollouts.publish(learner.policy.trainable_state_dict(), learner.policy_version)
         end = time.perf_counter()
         metrics.update({
             "perf/collect_s": collected - start,
-            "perf/update_s": end - collected,
+            "perf/update_s": end - collected,  # the update and the weight sync
+            "perf/publish_s": end - updated,  # the weight sync to the rollout actors alone
             "perf/epoch_s": end - start,
             "perf/samples_per_s": metrics.get("perf/samples", samples) * world_size / (end - start),
         })  # fmt: skip

@@ -32,6 +32,7 @@ def check_run_folder(run_dir: Path, epochs: int) -> list[dict]:
     assert all(m["policy_version"] == m["epoch"] for m in train_lines)
     assert {"loss/policy", "ddpo/approx_kl", "ddpo/clip_fraction", "perf/samples_per_s"} <= set(train_lines[0])
     assert all(m["perf/update_preemptions"] >= 0 for m in train_lines)  # reported every epoch, as a count
+    assert all(0 < m["perf/publish_s"] < m["perf/update_s"] for m in train_lines)  # the weight sync, within the update
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [f"epoch_{e:04d}.png" for e in range(epochs + 1)]
     assert (run_dir / "reward_curve.png").stat().st_size > 1000
     assert (run_dir / "final" / "policy.safetensors").stat().st_size > 1000
