@@ -187,7 +187,8 @@ def proximal_log_probs(ctx: LearnerContext, steps: torch.Tensor, first: TensorDi
     chunks = list(rows_to_compute.split(ctx.buffer.minibatch_size)) if len(rows_to_compute) else []  # (an empty
     # tensor splits into one). FSDP: a replica with fewer chunks than another makes spare calls (results unused)
     calls = chunks + [torch.zeros(1, dtype=torch.long)] * ctx.spare_calls(len(chunks))
-    if not calls and not pending.any():
+    any_pending = bool(pending.any())
+    if not calls and not any_pending:
         return None
     log_probs = stored["log_prob"].to(ctx.device, copy=True)
     with torch.no_grad():
@@ -198,26 +199,30 @@ def proximal_log_probs(ctx: LearnerContext, steps: torch.Tensor, first: TensorDi
                 out = ctx.policy.step(latents[:, k], k, chunk["context"], prev_sample=latents[:, k + 1])
                 if i < len(chunks):
                     log_probs[rows.to(ctx.device), k] = out.log_prob
-    return Proximal(log_probs, pending.to(ctx.device) if pending.any() else None)
+    return Proximal(log_probs, pending.to(ctx.device) if any_pending else None)
 
 
 def update_passes(ctx: LearnerContext, cfg, steps: torch.Tensor, prefix: str) -> list[dict[str, float]]:
     """`cfg.inner_epochs` reshuffled passes over the buffer, one `train_step` per minibatch on `steps`; on stale data
     the decoupled objective, against the weights at the start of this update (DDPO and GRPO)."""
-    metrics, proximal = [], None
-    for inner_epoch in range(cfg.inner_epochs):
-        minibatches = ctx.minibatches()
-        if inner_epoch == 0:
-            first = next(minibatches, None)
-            if first is None:
-                return metrics
-            every_step = round(cfg.timestep_fraction * len(steps)) >= len(steps)  # else `first` misses some steps
-            proximal = proximal_log_probs(ctx, steps, first if every_step else None)
-            metrics.append(train_step(ctx, first, cfg, steps, prefix, proximal))
-            if proximal is not None:
-                proximal.pending = None  # filled in: the weights move on from here
-        metrics += [train_step(ctx, minibatch, cfg, steps, prefix, proximal) for minibatch in minibatches]
+    minibatches = ctx.minibatches()
+    first = next(minibatches, None)
+    if first is None:
+        return []
+    every_step = num_train_steps(cfg, steps) == len(steps)  # else `first` trains only some of its steps
+    proximal = proximal_log_probs(ctx, steps, first if every_step else None)
+    metrics = [train_step(ctx, first, cfg, steps, prefix, proximal)]
+    if proximal is not None:
+        proximal.pending = None  # filled in: the weights move on from here
+    metrics += [train_step(ctx, minibatch, cfg, steps, prefix, proximal) for minibatch in minibatches]
+    for _ in range(cfg.inner_epochs - 1):
+        metrics += [train_step(ctx, minibatch, cfg, steps, prefix, proximal) for minibatch in ctx.minibatches()]
     return metrics
+
+
+def num_train_steps(cfg, steps: torch.Tensor) -> int:
+    """Steps of each trajectory trained on per optimizer step: `timestep_fraction` of `steps`, at least one."""
+    return max(1, round(cfg.timestep_fraction * len(steps)))
 
 
 def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config, steps: torch.Tensor | None = None,
@@ -236,10 +241,10 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config, steps: torch
     num_trajectories = batch.batch_size[0]
     if steps is None:
         steps = trained_steps(policy.schedule, cfg.min_step_std)
-    num_train_steps = max(1, round(cfg.timestep_fraction * len(steps)))
-    # an independent random order of timesteps per trajectory; the first num_train_steps are trained on
+    trained_per_row = num_train_steps(cfg, steps)
+    # an independent random order of timesteps per trajectory; the first trained_per_row are trained on
     order = torch.stack([steps[torch.randperm(len(steps), generator=ctx.generator)] for _ in range(num_trajectories)])
-    order = order[:, :num_train_steps].to(batch.device)  # [B, num_train_steps]
+    order = order[:, :trained_per_row].to(batch.device)  # [B, trained_per_row]
     rows = torch.arange(num_trajectories, device=batch.device)
     ctx.optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=batch.device))
@@ -267,7 +272,7 @@ def train_step(ctx: LearnerContext, batch: TensorDict, cfg: Config, steps: torch
             kl = transition_kl(out.mean, reference.mean, out.std).mean()
             loss = loss + cfg.kl_weight * kl
             info["kl_to_base"] = kl.detach()
-        share = k / num_train_steps  # `loss` is the mean over k timesteps: weight it by their share of the total
+        share = k / trained_per_row  # `loss` is the mean over k timesteps: weight it by their share of the total
         (loss * share).backward()
         totals["loss/policy"] += loss.detach() * share
         for key, value in info.items():
